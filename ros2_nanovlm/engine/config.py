@@ -1,0 +1,47 @@
+"""Engine configuration: one dataclass, validated once, shared by every backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("transformers",)
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    backend: str = "transformers"
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = float16 on cuda, float32 on cpu
+    max_context_tokens: int = 2048  # KV cache size: prompt (with image tokens) + answer
+    max_new_tokens: int = 32
+    embedding_cache_size: int = 16  # image embeddings kept, by content hash
+    max_prompt_chars: int = 4000
+    max_image_pixels: int = 16 * 1024 * 1024
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend '{self.backend}' is not one of {', '.join(BACKENDS)}")
+        if not is_valid_device(self.device):
+            raise ValueError(f"device '{self.device}' is not one of {DEVICES_HELP}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        for name, low in (
+            ("max_context_tokens", 16),
+            ("max_new_tokens", 1),
+            ("embedding_cache_size", 0),
+            ("max_prompt_chars", 1),
+            ("max_image_pixels", 1),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def is_valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
