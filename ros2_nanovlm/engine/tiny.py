@@ -127,6 +127,7 @@ def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, seed: 
         patch_size=patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # the CLS token, as in the llava-hf checkpoints
         image_token=IMAGE_TOKEN,
     )
     processor.save_pretrained(output_dir)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Every test run gets its own ROS domain, kept on this machine, and its own
+NANOVLM_HOME, so parallel runs and other ROS systems on the host cannot interfere."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Set before anything initialises rclpy, in this process and (inherited) in the node processes.
+os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_large_images.xml")
+os.environ["PYTHONUNBUFFERED"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nanovlm_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("nanovlm_home")
+    os.environ["NANOVLM_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    from ros2_nanovlm.engine.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory) -> Path:
+    from ros2_nanovlm.engine.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-next", llava_next=True)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photographs as RGB uint8 frames, 320 px wide (name -> frame)."""
+    from ros2_nanovlm.camera_player import load_photo
+
+    directory = REPO / "data" / "images"
+    return {path.stem: load_photo(path, 320) for path in sorted(directory.glob("*.jpg"))}

@@ -1,0 +1,126 @@
+"""Process-level test harness: the node runs in its own process, started as the launch file
+starts it (same params file); the test talks to it over real ROS 2 from a private rclpy context."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter, parameter_value_to_python
+from rclpy.parameter_client import AsyncParameterClient
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+
+from nanovlm.msg import VLMResult
+from nanovlm.srv import Query
+
+REPO = Path(__file__).resolve().parent.parent
+PARAMS_FILE = REPO / "config" / "vlm.yaml"
+TIMEOUT = 60.0  # bound on every wait; a healthy run never reaches it
+
+
+class NodeProcess:
+    def __init__(self, namespace: str, log_path: Path, *overrides: str):
+        self.namespace = namespace
+        self.log_path = log_path
+        command = [
+            sys.executable, "-m", "ros2_nanovlm.node", "--ros-args",
+            "--params-file", str(PARAMS_FILE),
+            "-r", f"__ns:={namespace}",
+        ]  # fmt: skip
+        for override in overrides:
+            command += ["-p", override]
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        """SIGINT, as Ctrl-C or `ros2 launch` does; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+class Client:
+    """The test's side: publishers, subscriptions, service and parameter clients of one node."""
+
+    def __init__(self, namespace: str):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("test_client", namespace=namespace, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.images = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.compressed = self.node.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
+        self.results: list[VLMResult] = []
+        self.answers: list[str] = []
+        self.result_json: list[str] = []
+        self.node.create_subscription(VLMResult, "result", self.results.append, 100)
+        self.node.create_subscription(String, "answer", lambda m: self.answers.append(m.data), 100)
+        self.node.create_subscription(String, "result_json", lambda m: self.result_json.append(m.data), 100)
+        self.query_client = self.node.create_client(Query, "query")
+        self.parameters = AsyncParameterClient(self.node, f"{namespace}/nanovlm")
+
+    def spin_until(self, condition, timeout: float = TIMEOUT) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            self.executor.spin_once(timeout_sec=0.05)
+        return True
+
+    def wait_ready(self) -> None:
+        assert self.query_client.wait_for_service(timeout_sec=TIMEOUT), "query service never appeared"
+        assert self.parameters.wait_for_services(timeout_sec=TIMEOUT)
+        assert self.spin_until(lambda: self.images.get_subscription_count() > 0)
+
+    def _await(self, future, timeout: float = TIMEOUT):
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout)
+        assert future.done(), "no reply in time"
+        return future.result()
+
+    def query(self, prompt: str, image: Image | None = None, max_new_tokens: int = 0) -> Query.Response:
+        request = Query.Request(prompt=prompt, max_new_tokens=max_new_tokens)
+        if image is not None:
+            request.image = image
+        return self._await(self.query_client.call_async(request))
+
+    def set_parameter(self, name: str, value):
+        """Returns rcl_interfaces/SetParametersResult."""
+        response = self._await(self.parameters.set_parameters([Parameter(name, value=value)]))
+        return response.results[0]
+
+    def get_parameter(self, name: str):
+        response = self._await(self.parameters.get_parameters([name]))
+        return parameter_value_to_python(response.values[0])
+
+    def publish(self, msg) -> None:
+        (self.compressed if isinstance(msg, CompressedImage) else self.images).publish(msg)
+
+    def wait_for_result(self, predicate, timeout: float = TIMEOUT) -> VLMResult:
+        found = []
+
+        def check():
+            found[:] = [r for r in self.results if predicate(r)]
+            return bool(found)
+
+        assert self.spin_until(check, timeout), "no matching result arrived"
+        return found[0]
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)

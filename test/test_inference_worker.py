@@ -1,0 +1,137 @@
+"""The worker's scheduling: newest frame only, tasks first, rate limit, errors contained."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ros2_nanovlm.inference_worker import InferenceWorker, RateLimiter, WorkerBusy
+
+WAIT = 10.0  # generous bound on every wait for an event; never reached when things work
+
+
+class Recorder:
+    """A frame handler that records frames and can be held inside a frame."""
+
+    def __init__(self):
+        self.frames = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.release.set()
+        self.done = threading.Condition()
+
+    def __call__(self, frame):
+        self.entered.release()
+        assert self.release.wait(WAIT)
+        with self.done:
+            self.frames.append(frame)
+            self.done.notify_all()
+
+    def wait_for(self, count):
+        with self.done:
+            assert self.done.wait_for(lambda: len(self.frames) >= count, WAIT)
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def worker(recorder):
+    worker = InferenceWorker(recorder, rate_hz=0.0, max_pending_tasks=2)
+    worker.start()
+    yield worker
+    recorder.release.set()
+    worker.stop()
+
+
+def test_only_the_newest_frame_waits_and_the_rest_are_counted(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame(1)
+    assert recorder.entered.acquire(timeout=WAIT)  # the worker is busy with frame 1
+    for frame in (2, 3, 4, 5):
+        worker.offer_frame(frame)
+    recorder.release.set()
+    recorder.wait_for(2)
+    assert recorder.frames == [1, 5]
+    assert worker.frames_replaced == 3
+    assert worker.frames_offered == 5
+
+
+def test_tasks_go_before_a_waiting_frame(worker, recorder):
+    order = []
+    recorder.release.clear()
+    worker.offer_frame("first")
+    assert recorder.entered.acquire(timeout=WAIT)
+    worker.offer_frame("waiting")
+    task = worker.submit(lambda: order.append("task") or 42)
+    recorder.release.set()
+    assert task.result(timeout=WAIT) == 42
+    recorder.wait_for(2)
+    assert order == ["task"] and recorder.frames == ["first", "waiting"]
+
+
+def test_task_errors_reach_the_caller_and_the_worker_goes_on(worker):
+    failing = worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=WAIT)
+    assert worker.submit(lambda: "still alive").result(timeout=WAIT) == "still alive"
+
+
+def test_frame_errors_are_reported_and_the_worker_goes_on():
+    errors, seen = [], threading.Event()
+
+    def handler(frame):
+        if frame == "bad":
+            raise ValueError("broken frame")
+        seen.set()
+
+    worker = InferenceWorker(handler, on_error=errors.append)
+    worker.start()
+    try:
+        worker.offer_frame("bad")
+        worker.submit(lambda: None).result(timeout=WAIT)  # the bad frame has been handled
+        worker.offer_frame("good")
+        assert seen.wait(WAIT)
+        assert [str(e) for e in errors] == ["broken frame"]
+    finally:
+        worker.stop()
+
+
+def test_the_task_queue_is_bounded(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame("busy")
+    assert recorder.entered.acquire(timeout=WAIT)
+    worker.submit(lambda: None)
+    worker.submit(lambda: None)
+    with pytest.raises(WorkerBusy, match="2 requests are already waiting"):
+        worker.submit(lambda: None)
+
+
+def test_stop_cancels_waiting_tasks(recorder):
+    worker = InferenceWorker(recorder)
+    worker.start()
+    recorder.release.clear()
+    worker.offer_frame("busy")
+    assert recorder.entered.acquire(timeout=WAIT)
+    waiting = worker.submit(lambda: None)
+    recorder.release.set()
+    worker.stop()
+    assert waiting.cancelled() or waiting.done()
+    with pytest.raises(WorkerBusy, match="shutting down"):
+        worker.submit(lambda: None)
+
+
+def test_rate_limiter_spaces_starts_by_the_period():
+    limiter = RateLimiter(2.0)
+    assert limiter.seconds_until_ready(100.0) == 0.0
+    limiter.mark_started(100.0)
+    assert limiter.seconds_until_ready(100.2) == pytest.approx(0.3)
+    assert limiter.seconds_until_ready(100.5) == 0.0
+    limiter.set_rate(1.0)  # a slower rate counts from the last start
+    assert limiter.seconds_until_ready(100.5) == pytest.approx(0.5)
+    limiter.set_rate(0.0)  # 0 = no limit
+    assert limiter.seconds_until_ready(100.0) == 0.0
+    with pytest.raises(ValueError):
+        limiter.set_rate(-1.0)

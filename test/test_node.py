@@ -1,0 +1,271 @@
+"""The node in its own process over real ROS 2 (rclpy, Fast DDS), with a tiny random LLaVA."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from std_msgs.msg import Header
+
+from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
+from ros_harness import Client, NodeProcess
+
+_stamp_counter = [0]
+
+
+def frame_msg(frame, encoding="rgb8", frame_id="camera"):
+    """An Image with a unique stamp, so each result can be traced to its frame."""
+    _stamp_counter[0] += 1
+    header = Header(stamp=Time(sec=1000 + _stamp_counter[0], nanosec=_stamp_counter[0]), frame_id=frame_id)
+    return rgb_to_image_msg(frame, encoding, header)
+
+
+def stamp_of(msg):
+    return (msg.header.stamp.sec, msg.header.stamp.nanosec)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, tiny_llava):
+    log = tmp_path_factory.mktemp("logs") / "node.log"
+    process = NodeProcess(
+        "/stream", log,
+        f"model.path:={tiny_llava}",
+        "rate:=0.0",
+        "max_new_tokens:=6",
+        "subscribe_compressed:=true",
+        "max_image_pixels:=1000000",
+    )  # fmt: skip
+    client = Client("/stream")
+    try:
+        client.wait_ready()
+        yield process, client
+    finally:
+        client.close()
+        exit_code = process.stop()
+        assert exit_code == 0, f"node exited with {exit_code}:\n{process.log()[-3000:]}"
+
+
+def json_document_for(client, msg):
+    """The result_json document about the frame `msg` (it may trail the VLMResult)."""
+
+    def matching():
+        return [d for d in map(json.loads, client.result_json) if d["stamp"]["sec"] == msg.header.stamp.sec]
+
+    assert client.spin_until(lambda: bool(matching()))
+    return matching()[0]
+
+
+def send_until_answered(client, msg):
+    """Publish `msg` until a result for its stamp arrives (best effort QoS may lose a frame)."""
+    for _ in range(20):
+        client.publish(msg)
+        if client.spin_until(lambda: any(stamp_of(r) == stamp_of(msg) for r in client.results), 3.0):
+            return next(r for r in client.results if stamp_of(r) == stamp_of(msg))
+    raise AssertionError(f"frame {stamp_of(msg)} never answered")
+
+
+def test_frames_in_answers_out_with_the_frames_header(node, photos):
+    _, client = node
+    msg = frame_msg(photos["dogs"], frame_id="front_camera")
+    result = send_until_answered(client, msg)
+    assert result.header.frame_id == "front_camera"
+    assert result.prompt == "Describe the image in one sentence."
+    assert result.model == "tiny-llava"
+    assert 0 < result.generated_tokens <= 6
+    assert result.prompt_tokens > 16 and result.total_ms > 0
+    # The same answer on the plain topic, and the whole result as one JSON document.
+    assert client.spin_until(lambda: result.answer in client.answers)
+    document = json_document_for(client, msg)
+    assert document["answer"] == result.answer
+    assert document["frame_id"] == "front_camera"
+    assert document["tokens"]["generated"] == result.generated_tokens
+    assert document["json"] is None
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_every_colour_encoding_gives_the_same_answer(node, photos, encoding):
+    """The converter hands the engine the same RGB pixels whatever the camera's encoding."""
+    _, client = node
+    reference = client.query("What is in the image?", frame_msg(photos["fruit"], "rgb8"))
+    answer = client.query("What is in the image?", frame_msg(photos["fruit"], encoding))
+    assert answer.success, answer.error
+    assert answer.answer == reference.answer
+
+
+def test_mono8_and_compressed_frames_are_answered(node, photos):
+    _, client = node
+    mono = send_until_answered(client, frame_msg(photos["lake"], "mono8"))
+    assert mono.generated_tokens > 0
+    compressed = rgb_to_compressed_msg(photos["path"], "jpeg", frame_msg(photos["path"]).header)
+    result = send_until_answered(client, compressed)
+    assert result.generated_tokens > 0
+
+
+def test_query_with_an_image(node, photos):
+    _, client = node
+    msg = frame_msg(photos["soccer"], frame_id="gripper_camera")
+    response = client.query("What is in the image?", msg, max_new_tokens=3)
+    assert response.success, response.error
+    assert response.error == ""
+    assert response.header.frame_id == "gripper_camera"
+    assert stamp_of(response) == stamp_of(msg)
+    assert 0 < len(response.answer.encode()) <= 3 * 4  # at most 3 tokens of at most 4 bytes
+
+
+def test_query_without_an_image_uses_the_latest_frame(node, photos):
+    _, client = node
+    latest = frame_msg(photos["hoover"], frame_id="latest_camera")
+    send_until_answered(client, latest)
+    response = client.query("What does the road sign say?")
+    assert response.success, response.error
+    assert stamp_of(response) == stamp_of(latest)
+    assert response.header.frame_id == "latest_camera"
+
+
+def bad_image(photo, **fields):
+    msg = frame_msg(photo)
+    for name, value in fields.items():
+        setattr(msg, name, value)
+    return msg
+
+
+@pytest.mark.parametrize(
+    "make_request, error",
+    [
+        (lambda p: ("What?", bad_image(p, encoding="yuv422")), "unsupported image encoding 'yuv422'"),
+        (lambda p: ("What?", bad_image(p, step=p.shape[1] * 3 - 1)), "step"),
+        (lambda p: ("What?", bad_image(p, data=bytes(10))), "data holds 10 bytes"),
+        (lambda p: ("What?", bad_image(p, height=0)), "empty"),
+        (lambda p: ("What?", frame_msg(np.zeros((1000, 1001, 3), np.uint8))), "over max_image_pixels=1000000"),
+        (lambda p: ("", frame_msg(p)), "prompt is empty"),
+        (lambda p: ("x" * 2001, frame_msg(p)), "over the limit of 2000"),
+    ],
+)
+def test_bad_queries_get_clear_errors_and_the_node_keeps_serving(node, photos, make_request, error):
+    _, client = node
+    prompt, image = make_request(photos["boxes"])
+    response = client.query(prompt, image)
+    assert not response.success
+    assert error in response.error
+    assert client.query("What is in the image?", frame_msg(photos["boxes"])).success
+
+
+def test_bad_stream_frames_are_counted_and_the_stream_goes_on(node, photos):
+    _, client = node
+    before = send_until_answered(client, frame_msg(photos["dogs"])).frames_dropped
+    for _ in range(3):
+        client.publish(bad_image(photos["dogs"], encoding="yuv422"))
+        client.publish(bad_image(photos["dogs"], data=bytes(5)))
+    after = send_until_answered(client, frame_msg(photos["flowers"]))
+    assert after.frames_dropped >= before + 4  # best effort may lose a few of the six
+    assert after.generated_tokens > 0
+
+
+def test_parameters_change_at_run_time(node, photos):
+    process, client = node
+    assert client.set_parameter("prompt", "Is there a dog?").successful
+    assert client.set_parameter("max_new_tokens", 2).successful
+    result = send_until_answered(client, frame_msg(photos["dogs_2"]))
+    assert result.prompt == "Is there a dog?"
+    assert result.generated_tokens <= 2
+    assert client.set_parameter("prompt", "Describe the image in one sentence.").successful
+    assert client.set_parameter("max_new_tokens", 6).successful
+
+
+@pytest.mark.parametrize(
+    "name, value, reason",
+    [
+        ("rate", -1.0, ""),
+        ("max_new_tokens", 0, ""),
+        ("prompt", "   ", "prompt must not be empty"),
+        ("model.path", "/does/not/exist", "'/does/not/exist' is not an existing directory"),
+        ("model.device", "cuda:0", "read-only"),
+    ],
+)
+def test_invalid_parameter_values_are_rejected_with_a_reason(node, name, value, reason):
+    _, client = node
+    before = client.get_parameter(name)
+    result = client.set_parameter(name, value)
+    assert not result.successful
+    assert result.reason  # rclpy's range/read-only messages, or ours
+    assert reason.lower() in result.reason.lower()
+    assert client.get_parameter(name) == before
+
+
+def test_json_output_mode(node, photos):
+    _, client = node
+    assert client.set_parameter("json_output", True).successful
+    try:
+        result = send_until_answered(client, frame_msg(photos["fruit"]))
+        # The random model writes no JSON: json stays empty and the result says why.
+        assert result.json == ""
+        assert "JSON" in result.json_error
+        document = json_document_for(client, result)
+        assert document["json"] is None and document["json_error"] == result.json_error
+    finally:
+        assert client.set_parameter("json_output", False).successful
+
+
+def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
+    """Frames at 30 Hz into a node limited to 2 Hz: about 2 answers a second, each about a
+    frame much newer than the last one answered, the frames in between dropped and counted."""
+    _, client = node
+    assert client.set_parameter("rate", 2.0).successful
+    frame = photos["path"]
+    sent = []
+    start_count = len(client.results)
+    dropped_before = client.results[-1].frames_dropped
+    period, duration = 1.0 / 30.0, 4.0
+    started = time.monotonic()
+    next_send = started
+    while time.monotonic() - started < duration:
+        if time.monotonic() >= next_send:
+            msg = frame_msg(frame)
+            client.publish(msg)
+            sent.append(stamp_of(msg))
+            next_send += period
+        client.executor.spin_once(timeout_sec=0.002)
+    client.spin_until(lambda: False, 1.0)  # collect answers still in flight
+    assert client.set_parameter("rate", 0.0).successful
+
+    answered = [stamp_of(r) for r in client.results[start_count:] if stamp_of(r) in sent]
+    expected = 2.0 * duration
+    assert expected * 0.5 <= len(answered) <= expected + 2, f"{len(answered)} answers in {duration} s at 2 Hz"
+    indices = [sent.index(s) for s in answered]
+    gaps = np.diff(indices)
+    # Consecutive answers are ~15 frames apart at 30 Hz / 2 Hz, never neighbours.
+    assert gaps.min() >= 5, f"answered frame indices {indices}"
+    dropped = client.results[-1].frames_dropped - dropped_before
+    assert dropped >= len(sent) - len(answered) - 10  # a few may be lost by best effort DDS
+
+
+@pytest.fixture(scope="module")
+def modelless_node(tmp_path_factory, tiny_llava):
+    log = tmp_path_factory.mktemp("logs") / "modelless.log"
+    process = NodeProcess("/nomodel", log, "model.path:=/no/such/model")
+    client = Client("/nomodel")
+    try:
+        client.wait_ready()
+        yield process, client
+    finally:
+        client.close()
+        assert process.stop() == 0
+
+
+def test_missing_model_is_a_clear_error_and_the_node_keeps_running(modelless_node, photos, tiny_llava):
+    process, client = modelless_node
+    no_frame = client.query("What is in the image?")
+    assert not no_frame.success
+    assert "no camera frame has arrived yet on '/nomodel/image'" in no_frame.error
+
+    response = client.query("What is in the image?", frame_msg(photos["dogs"]))
+    assert not response.success
+    assert "model path '/no/such/model' does not exist" in response.error
+    assert "model path '/no/such/model' does not exist" in process.log()
+
+    # Point it at a real model at run time: it loads and answers.
+    assert client.set_parameter("model.path", str(tiny_llava)).successful
+    response = client.query("What is in the image?", frame_msg(photos["dogs"]))
+    assert response.success, response.error
