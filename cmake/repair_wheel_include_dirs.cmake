@@ -51,3 +51,28 @@ function(nanovlm_repair_wheel_include_dirs)
     endif()
   endforeach()
 endfunction()
+
+# A venv inside the package's source tree (scripts/setup.sh makes .venv there) puts numpy's and
+# Python's include directories under CMAKE_SOURCE_DIR, and CMake refuses to export targets that
+# name source-tree paths. Those directories are only needed to build this package, so keep them
+# for the build and out of the export.
+function(nanovlm_keep_venv_includes_out_of_exports)
+  get_directory_property(targets BUILDSYSTEM_TARGETS)
+  foreach(target IN LISTS targets)
+    get_target_property(dirs ${target} INTERFACE_INCLUDE_DIRECTORIES)
+    if(NOT dirs)
+      continue()
+    endif()
+    set(kept "")
+    foreach(dir IN LISTS dirs)
+      string(FIND "${dir}" "${CMAKE_SOURCE_DIR}/" in_source)
+      string(FIND "${dir}" "${CMAKE_BINARY_DIR}/" in_build)
+      if(in_source EQUAL 0 AND NOT in_build EQUAL 0 AND NOT dir MATCHES "^\\$<")
+        list(APPEND kept "$<BUILD_INTERFACE:${dir}>")
+      else()
+        list(APPEND kept "${dir}")
+      endif()
+    endforeach()
+    set_target_properties(${target} PROPERTIES INTERFACE_INCLUDE_DIRECTORIES "${kept}")
+  endforeach()
+endfunction()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import rclpy
@@ -46,6 +47,8 @@ class ModelUnavailable(RuntimeError):
 class VLMNode(Node):
     def __init__(self, **kwargs):
         super().__init__("nanovlm", **kwargs)
+        # Which copy runs matters when a workspace overlays a pip install: say it.
+        self.get_logger().info(f"nanovlm node starting, code in {Path(__file__).resolve().parent}")
         self._declare_parameters()
 
         self._engine: VLMEngine | None = None

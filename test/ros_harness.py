@@ -25,11 +25,11 @@ TIMEOUT = 60.0  # bound on every wait; a healthy run never reaches it
 
 
 class NodeProcess:
-    def __init__(self, namespace: str, log_path: Path, *overrides: str):
+    def __init__(self, namespace: str, log_path: Path, *overrides: str, command: list[str] | None = None):
         self.namespace = namespace
         self.log_path = log_path
-        command = [
-            sys.executable, "-m", "ros2_nanovlm.node", "--ros-args",
+        command = (command or [sys.executable, "-m", "ros2_nanovlm.node"]) + [
+            "--ros-args",
             "--params-file", str(PARAMS_FILE),
             "-r", f"__ns:={namespace}",
         ]  # fmt: skip

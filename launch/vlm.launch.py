@@ -1,0 +1,74 @@
+"""Start the nanovlm node.
+
+    ros2 launch nanovlm vlm.launch.py image_topic:=/camera/image_raw \
+        model:=/models/llava-1.5-7b-hf prompt:="Is the path clear?" rate:=2.0
+
+Launch arguments left empty keep the value from params_file (config/vlm.yaml by default).
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch_ros.actions import Node
+
+SHARE = get_package_share_directory("nanovlm")
+
+# launch argument -> node parameter it overrides when not empty
+OVERRIDES = {
+    "model": "model.path",
+    "prompt": "prompt",
+    "rate": "rate",
+}
+
+
+def node_with_overrides(context):
+    config = context.launch_configurations
+    overrides = {}
+    for argument, parameter in OVERRIDES.items():
+        value = config[argument]
+        if value:
+            overrides[parameter] = float(value) if parameter == "rate" else value
+    return [
+        Node(
+            package="nanovlm",
+            executable="vlm_node",
+            name="nanovlm",
+            namespace=config["namespace"],
+            output="screen",
+            parameters=[config["params_file"], overrides],
+            remappings=[
+                ("image", config["image_topic"]),
+                ("image/compressed", config["image_topic"] + "/compressed"),
+            ],
+        )
+    ]
+
+
+def generate_launch_description():
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument("model", default_value="", description="LLaVA model directory; empty = params_file's"),
+            DeclareLaunchArgument("image_topic", default_value="/camera/image_raw", description="Camera topic (sensor_msgs/Image)"),
+            DeclareLaunchArgument("prompt", default_value="", description="Question asked about each frame; empty = params_file's"),
+            DeclareLaunchArgument("rate", default_value="", description="Frames answered per second at most; empty = params_file's"),
+            DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
+            DeclareLaunchArgument(
+                "params_file",
+                default_value=os.path.join(SHARE, "config", "vlm.yaml"),
+                description="Node parameters (YAML)",
+            ),
+            DeclareLaunchArgument(
+                "fastdds_profile",
+                default_value=os.path.join(SHARE, "config", "fastdds_large_images.xml"),
+                description="Fast DDS profile with buffers for full-size frames; empty = Fast DDS defaults",
+            ),
+            OpaqueFunction(function=set_fastdds_profile),
+            OpaqueFunction(function=node_with_overrides),
+        ]
+    )
+
+
+def set_fastdds_profile(context):
+    profile = context.launch_configurations["fastdds_profile"]
+    return [SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", profile)] if profile else []
