@@ -49,6 +49,7 @@ if changed interfaces CMakeLists.txt package.xml msg/* srv/* cmake/*; then
   step "building the nanovlm ROS interfaces into the venv"
   # The wheels install a ROS prefix into the venv itself; CMake finds it through AMENT_PREFIX_PATH.
   export AMENT_PREFIX_PATH=$VIRTUAL_ENV
+  mkdir -p build
   cmake -S . -B build/venv -DCMAKE_INSTALL_PREFIX="$VIRTUAL_ENV" -DBUILD_TESTING=OFF \
     -DNANOVLM_INSTALL_PYTHON_PACKAGE=OFF -DPython3_EXECUTABLE="$VIRTUAL_ENV/bin/python" > build/venv-cmake.log 2>&1 \
     || { cat build/venv-cmake.log; exit 1; }
