@@ -14,6 +14,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+try:  # Jazzy and later
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -57,6 +62,7 @@ class VLMNode(Node):
         self._counts_lock = threading.Lock()
         self.frames_received = 0
         self.frames_rejected = 0  # invalid messages, failed conversions, errors while answering
+        self.frames_lost = 0  # lost by the middleware before reaching the node (DDS reports them)
         self.frames_answered = 0
 
         self._answer_pub = self.create_publisher(String, "answer", 10)
@@ -76,6 +82,7 @@ class VLMNode(Node):
             self._image_callback,
             qos_profile_sensor_data,
             callback_group=camera_group,
+            event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
         )
         if self._param("subscribe_compressed"):
@@ -85,6 +92,7 @@ class VLMNode(Node):
                 self._compressed_callback,
                 qos_profile_sensor_data,
                 callback_group=camera_group,
+                event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
             )
         # Reentrant: several callers may wait for their answers at once.
         self.create_service(
@@ -204,6 +212,10 @@ class VLMNode(Node):
         self._latest_frame = msg
         self._worker.offer_frame(msg)
 
+    def _frames_lost_callback(self, info) -> None:
+        with self._counts_lock:
+            self.frames_lost += info.total_count_change
+
     def _compressed_callback(self, msg: CompressedImage) -> None:
         self._count("frames_received")
         # Decoding waits for the worker: most frames are dropped and never need it.
@@ -295,14 +307,16 @@ class VLMNode(Node):
 
     @property
     def frames_dropped(self) -> int:
-        """Frames that got no answer: replaced by a newer one while waiting, or rejected."""
-        return self._worker.frames_replaced + self.frames_rejected
+        """Frames that got no answer: lost on the way, replaced by a newer one while waiting for
+        the model, or rejected."""
+        return self.frames_lost + self._worker.frames_replaced + self.frames_rejected
 
     def _log_stats(self) -> None:
         if self.frames_received:
             self.get_logger().info(
                 f"frames: {self.frames_received} received, {self.frames_answered} answered, "
-                f"{self._worker.frames_replaced} dropped for newer ones, {self.frames_rejected} rejected"
+                f"{self._worker.frames_replaced} dropped for newer ones, {self.frames_rejected} rejected, "
+                f"{self.frames_lost} lost by the middleware"
             )
 
     def destroy_node(self) -> None:

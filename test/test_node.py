@@ -215,8 +215,8 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
     assert client.set_parameter("rate", 2.0).successful
     frame = photos["path"]
     sent = []
+    dropped_before = send_until_answered(client, frame_msg(frame)).frames_dropped
     start_count = len(client.results)
-    dropped_before = client.results[-1].frames_dropped
     period, duration = 1.0 / 30.0, 4.0
     started = time.monotonic()
     next_send = started
@@ -233,12 +233,16 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
     answered = [stamp_of(r) for r in client.results[start_count:] if stamp_of(r) in sent]
     expected = 2.0 * duration
     assert expected * 0.5 <= len(answered) <= expected + 2, f"{len(answered)} answers in {duration} s at 2 Hz"
-    indices = [sent.index(s) for s in answered]
+    # The last frame sent waits for its turn after the stream stops; leave it out.
+    indices = [sent.index(s) for s in answered if s != sent[-1]]
     gaps = np.diff(indices)
     # Consecutive answers are ~15 frames apart at 30 Hz / 2 Hz, never neighbours.
     assert gaps.min() >= 5, f"answered frame indices {indices}"
+    # Every frame is answered or counted as dropped (lost by DDS, replaced, rejected), except
+    # the one that may still wait in the node and those the camera-side writer itself discarded.
     dropped = client.results[-1].frames_dropped - dropped_before
-    assert dropped >= len(sent) - len(answered) - 10  # a few may be lost by best effort DDS
+    assert dropped <= len(sent) - len(answered)
+    assert dropped + len(answered) >= 0.8 * len(sent), f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
 
 
 @pytest.fixture(scope="module")
