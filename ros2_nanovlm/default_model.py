@@ -5,18 +5,14 @@ pretrained VLM can be fetched on the machines this project is built on. Its answ
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from .engine.config import nanovlm_home
+
 DEFAULT_MODEL_NAME = "tiny-llava-random"
 DEFAULT_MODEL_IS_RANDOM = True
-
-
-def nanovlm_home() -> Path:
-    """Where nanovlm keeps models it builds: $NANOVLM_HOME, else ~/.cache/nanovlm."""
-    return Path(os.environ.get("NANOVLM_HOME", "~/.cache/nanovlm")).expanduser()
 
 
 def default_model_path() -> Path:

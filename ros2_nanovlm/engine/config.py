@@ -1,11 +1,14 @@
 """Engine configuration: one dataclass, validated once, shared by every backend."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("transformers",)
+QUANTIZATIONS = ("auto", "none", "int4")
 
 
 @dataclass
@@ -14,6 +17,8 @@ class EngineConfig:
     backend: str = "transformers"
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = float16 on cuda, float32 on cpu
+    # auto = 4-bit LLM weights (W4A16, group 128) where the GPU fast path runs the model, else none
+    quantization: str = "auto"
     max_context_tokens: int = 2048  # KV cache size: prompt (with image tokens) + answer
     max_new_tokens: int = 32
     embedding_cache_size: int = 16  # image embeddings kept, by content hash
@@ -28,6 +33,8 @@ class EngineConfig:
             raise ValueError(f"device '{self.device}' is not one of {DEVICES_HELP}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization '{self.quantization}' is not one of {', '.join(QUANTIZATIONS)}")
         for name, low in (
             ("max_context_tokens", 16),
             ("max_new_tokens", 1),
@@ -45,3 +52,8 @@ def is_valid_device(device: str) -> bool:
         return True
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()
+
+
+def nanovlm_home() -> Path:
+    """Where nanovlm keeps what it builds or caches: $NANOVLM_HOME, else ~/.cache/nanovlm."""
+    return Path(os.environ.get("NANOVLM_HOME", "~/.cache/nanovlm")).expanduser()

@@ -33,8 +33,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_level_tokenizer():
-    """A tokenizer with one token per byte plus LLaVA's special tokens; needs no training data."""
+def byte_level_tokenizer(vocab_size: int = 0):
+    """A tokenizer with one token per byte plus LLaVA's special tokens; needs no training data.
+    `vocab_size` pads the vocabulary with <extra_N> tokens (real-size benchmark models)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,6 +43,8 @@ def byte_level_tokenizer():
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     for symbol in sorted(alphabet):
         vocab[symbol] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -1,5 +1,6 @@
 """The transformers/PyTorch backend: greedy generation with a prefix-reusing static KV cache and
-an image-embedding cache, on the CPU or a GPU."""
+an image-embedding cache. On the CPU the language model runs through transformers; on a GPU,
+Llama-family language models run through FastLlama (4-bit weights, CUDA-graph decode)."""
 from __future__ import annotations
 
 import time
@@ -8,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import Answer, Backend, GenerationRequest, InvalidInput, Timings
+from ..api import Answer, Backend, GenerationRequest, InvalidInput, ModelLoadError, Timings
 from ..config import EngineConfig
 from ..frames import frame_digest
 from .embedding_cache import EmbeddingCache
-from .kv_cache import PrefixKVCache
-from .loading import load_llava, resolve_device, resolve_dtype
+from .kv_cache import PrefixTracker
+from .loading import load_llava, read_model_config, resolve_device, resolve_dtype
+from .lm_runner import TransformersLMRunner
 from .prompting import ChatPrompter, TokenizedPrompt
 from .vision import LlavaImageEncoder
 
@@ -22,21 +24,79 @@ class TransformersBackend(Backend):
     def __init__(self, config: EngineConfig):
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
-        model, processor = load_llava(config.model_path, self._device, self._dtype)
+        model_config = read_model_config(config.model_path)
+        max_positions = model_config.get("text_config", {}).get("max_position_embeddings") or config.max_context_tokens
+        self.max_context = min(config.max_context_tokens, max_positions)
+        self.quantization = _resolve_quantization(config, self._device, model_config)
+        if self.quantization == "int4" or (self._device.type == "cuda" and _fast_path_reason(model_config) == ""):
+            self._load_fast(config)
+        else:
+            model, processor = load_llava(config.model_path, self._device, self._dtype)
+            self.lm = TransformersLMRunner(model, self.max_context)
+            self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
+            self._finish_load(model, processor)
+        self.embeddings = EmbeddingCache(config.embedding_cache_size)
+        self.kv = PrefixTracker(self.max_context)
+        self._name = Path(config.model_path).expanduser().resolve().name
+
+    def _load_fast(self, config: EngineConfig) -> None:
+        from ..config import nanovlm_home
+        from ..cuda.loading import load_fast_llava
+
+        model, processor, lm = load_fast_llava(
+            config.model_path,
+            self._device,
+            quantize=self.quantization == "int4",
+            max_tokens=self.max_context,
+            cache_home=nanovlm_home(),
+        )
+        self._use_fast_model(model, processor, lm)
+
+    def _use_fast_model(self, model, processor, lm) -> None:
+        from ..cuda.vision import GpuLlavaImageEncoder
+
+        self._dtype = torch.float16
+        lm.capture()
+        self.lm = lm
+        if model.config.model_type == "llava":
+            self.encode_image = GpuLlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
+        else:  # LLaVA-1.6 tiles the image by its aspect ratio: its processor does that on the CPU
+            self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
+        self._finish_load(model, processor)
+
+    @classmethod
+    def from_model(cls, model, processor, config: EngineConfig, name: str = "in-memory") -> "TransformersBackend":
+        """A backend around a transformers LLaVA already in memory (benchmarks, notebooks).
+        On CUDA the language model moves into FastLlama and leaves `model`."""
+        from ..cuda.loading import fast_llava_from_model
+
+        backend = cls.__new__(cls)
+        backend._device = resolve_device(config.device)
+        backend._dtype = resolve_dtype(config.dtype, backend._device)
+        text_config = model.config.get_text_config().to_dict()
+        backend.max_context = min(config.max_context_tokens, text_config.get("max_position_embeddings") or config.max_context_tokens)
+        backend.quantization = _resolve_quantization(config, backend._device, {"text_config": text_config})
+        if backend._device.type == "cuda" and _fast_path_reason({"text_config": text_config}) == "":
+            lm = fast_llava_from_model(model, backend._device, quantize=backend.quantization == "int4", max_tokens=backend.max_context)
+            backend._use_fast_model(model, processor, lm)
+        else:
+            model.to(backend._device, backend._dtype)
+            backend.lm = TransformersLMRunner(model, backend.max_context)
+            backend.encode_image = LlavaImageEncoder(model, processor.image_processor, backend._device, backend._dtype)
+            backend._finish_load(model, processor)
+        backend.embeddings = EmbeddingCache(config.embedding_cache_size)
+        backend.kv = PrefixTracker(backend.max_context)
+        backend._name = name
+        return backend
+
+    def _finish_load(self, model, processor) -> None:
         self.model = model
         self.tokenizer = processor.tokenizer
-        model_config = model.config
-        image_token_id = getattr(model_config, "image_token_id", None)
+        image_token_id = getattr(model.config, "image_token_id", None)
         if image_token_id is None:
-            image_token_id = model_config.image_token_index
+            image_token_id = model.config.image_token_index
         self.prompter = ChatPrompter(processor, self.tokenizer, image_token_id)
-        self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
-        self.embeddings = EmbeddingCache(config.embedding_cache_size)
-        max_positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
-        self.max_context = min(config.max_context_tokens, max_positions or config.max_context_tokens)
-        self.kv = PrefixKVCache(model_config, self.max_context)
         self.eos_ids = _eos_token_ids(model, self.tokenizer)
-        self._name = Path(config.model_path).expanduser().resolve().name
 
     @property
     def model_name(self) -> str:
@@ -69,19 +129,18 @@ class TransformersBackend(Backend):
         prefill_started = time.perf_counter()
         # At least the last prompt token is run again: its logits give the first answer token.
         reused = min(self.kv.shared_prefix(prompt.keys), prompt_length - 1)
-        self.kv.rewind(reused)
-        embeds = self._prompt_embeddings(prompt, reused, dict(images))
-        logits = self._forward(inputs_embeds=embeds, start=reused)
+        self.kv.truncate(reused)
+        self.lm.rewind(reused)
+        token = self.lm.prefill(self._prompt_embeddings(prompt, reused, dict(images)), reused)
         self.kv.extend(prompt.keys[reused:])
-        token = int(logits.argmax())
         timings.prefill_ms = _ms_since(prefill_started)
 
         decode_started = time.perf_counter()
         generated = [token]
         while token not in self.eos_ids and len(generated) < budget:
-            logits = self._forward(input_ids=torch.tensor([[token]], device=self._device), start=len(self.kv))
-            self.kv.extend([token])
-            token = int(logits.argmax())
+            position = len(self.kv)
+            token = self.lm.decode_step(token, position)
+            self.kv.extend([generated[-1]])
             generated.append(token)
         timings.decode_ms = _ms_since(decode_started)
 
@@ -119,42 +178,47 @@ class TransformersBackend(Backend):
                 self.embeddings.put(digest, features)
             images.append((digest, features))
         if not all_hits:
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)  # charge the encoder's GPU time to vision
             timings.vision_ms = _ms_since(started)
         return images, all_hits
 
     def _prompt_embeddings(
         self, prompt: TokenizedPrompt, start: int, features: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Input embeddings of prompt positions start.. : token embeddings, image features spliced in."""
+        """(L, hidden) input embeddings of prompt positions start.. , image features spliced in."""
         ids = torch.tensor(prompt.ids[start:], device=self._device)
         is_image = ids == self.prompter.image_token_id
-        embeds = self.model.get_input_embeddings()(ids.masked_fill(is_image, 0))
+        embeds = self.lm.embed(ids.masked_fill(is_image, 0))
         for span in prompt.images:
             first, last = max(span.start, start), min(span.start + span.length, len(prompt.ids))
             if first < last:
                 rows = features[span.digest][first - span.start : last - span.start]
                 embeds[first - start : last - start] = rows.to(embeds.dtype)
-        return embeds.unsqueeze(0)
-
-    def _forward(self, *, start: int, input_ids=None, inputs_embeds=None) -> torch.Tensor:
-        """Run new positions start.. through the LLM, writing their KV; logits of the last one."""
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        positions = torch.arange(start, start + length, device=self._device).unsqueeze(0)
-        output = self.model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            position_ids=positions,
-            past_key_values=self.kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return output.logits[0, -1]
+        return embeds
 
     def close(self) -> None:
         self.model = None
+        self.lm = None
         self.embeddings = EmbeddingCache(0)
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _fast_path_reason(model_config: dict) -> str:
+    """"" when the GPU fast path can run this checkpoint's language model, else why not."""
+    from ..cuda.support import unsupported_reason
+
+    return unsupported_reason(model_config.get("text_config", {}))
+
+
+def _resolve_quantization(config: EngineConfig, device: torch.device, model_config: dict) -> str:
+    if config.quantization == "none":
+        return "none"
+    fast_reason = _fast_path_reason(model_config) if device.type == "cuda" else "it needs a CUDA device"
+    if config.quantization == "int4" and fast_reason:
+        raise ModelLoadError(f"4-bit weights are not available for '{config.model_path}': {fast_reason}")
+    return "int4" if not fast_reason else "none"
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:

@@ -1,0 +1,187 @@
+"""GPU checks before the benchmark: kernels against float32 references at real shapes, the
+4-bit GEMV's bandwidth against cuBLAS fp16 and torchao int4, and FastLlama against transformers.
+
+    python bench/check_gpu.py [--out results/check-gpu.json]
+Exits non-zero when a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
+from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
+
+DEVICE = torch.device("cuda")
+failures: list[str] = []
+report: dict = {"checks": {}, "gemv_bandwidth": {}}
+
+
+def relative_error(value, reference) -> float:
+    value, reference = value.double(), reference.double()
+    return float((value - reference).norm() / reference.norm())
+
+
+def check(name: str, value, reference, tolerance: float) -> None:
+    if torch.isnan(value).any():
+        error = float("nan")
+    else:
+        error = relative_error(value, reference)
+    ok = error <= tolerance
+    report["checks"][name] = {"relative_error": error, "tolerance": tolerance, "ok": ok}
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {error:.2e} (<= {tolerance:g})", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def check_kernels() -> None:
+    torch.manual_seed(0)
+    for name, (n, k, gated) in {"qkv": (12288, 4096, False), "gate_up": (22016, 4096, True), "down": (4096, 11008, False)}.items():
+        weight = torch.randn(n, k, device=DEVICE) * 0.02
+        packed = quantize_int4(weight)
+        x = torch.randn(k, device=DEVICE, dtype=torch.float16)
+        reference = dequantize_int4(packed) @ x.float()
+        if gated:
+            reference = F.silu(reference[: n // 2]) * reference[n // 2 :]
+        residual = torch.randn(reference.shape[0], device=DEVICE, dtype=torch.float16)
+        out = kernels.w4_gemv(x, packed, residual=residual.clone(), gated=gated)
+        # out aliases nothing here; the residual case writes into a copy
+        out = kernels.w4_gemv(x, packed, out=residual.clone(), residual=residual.clone(), gated=gated)
+        check(f"w4_gemv {name} {n}x{k}", out, reference + residual.float(), 2e-3)
+        scratch = torch.empty(n, k, device=DEVICE, dtype=torch.float16)
+        check(f"w4_dequantize {name}", kernels.w4_dequantize(packed, scratch), dequantize_int4(packed), 1e-3)
+        check(f"int4 round trip {name} (quantization error, informational)", dequantize_int4(packed), weight, 0.12)
+    x = torch.randn(7, 4096, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(4096, device=DEVICE, dtype=torch.float16)
+    reference = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)) * w.float()
+    check("rmsnorm", kernels.rmsnorm(x, w, 1e-5), reference, 2e-3)
+    for hq, hkv in ((32, 32), (32, 8)):
+        d, t, length = 128, 1024, 700
+        k_cache = torch.randn(hkv, t, d, device=DEVICE, dtype=torch.float16)
+        v_cache = torch.randn(hkv, t, d, device=DEVICE, dtype=torch.float16)
+        q = torch.randn(hq, d, device=DEVICE, dtype=torch.float16)
+        out = torch.empty_like(q)
+        kernels.decode_attention(q, k_cache, v_cache, torch.tensor([length], device=DEVICE, dtype=torch.int32), out)
+        keys = k_cache[:, :length].repeat_interleave(hq // hkv, 0).float()
+        values = v_cache[:, :length].repeat_interleave(hq // hkv, 0).float()
+        reference = torch.softmax(q.float()[:, None] @ keys.transpose(1, 2) / d**0.5, -1) @ values
+        check(f"decode_attention {hq}/{hkv} heads len {length}", out, reference[:, 0], 2e-3)
+
+
+def graph_time_us(function, calls: int = 50, replays: int = 20) -> float:
+    """Median time of one call, from CUDA-graph replays of `calls` back-to-back calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_gemv_bandwidth() -> None:
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except Exception as error:  # noqa: BLE001
+        quantize_ = None
+        report["torchao"] = f"not available: {error!r}"
+    for name, (n, k) in {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}.items():
+        weight = torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02
+        packed = quantize_int4(weight)
+        x = torch.randn(k, device=DEVICE, dtype=torch.float16)
+        row = {}
+        best = None
+        for block_n, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4)):
+            us = graph_time_us(lambda: kernels.w4_gemv(x, packed, block_n=block_n, num_warps=warps))
+            if best is None or us < best[0]:
+                best = (us, block_n, warps)
+        row["ours_w4_us"] = best[0]
+        row["ours_w4_config"] = best[1:]
+        row["ours_w4_GBps"] = packed.nbytes() / best[0] / 1e3
+        row["cublas_fp16_us"] = graph_time_us(lambda: F.linear(x, weight))
+        row["cublas_fp16_GBps"] = weight.numel() * 2 / row["cublas_fp16_us"] / 1e3
+        if quantize_ is not None:
+            try:
+                linear = torch.nn.Linear(k, n, bias=False, device=DEVICE, dtype=torch.bfloat16)
+                quantize_(linear, Int4WeightOnlyConfig(group_size=128))
+                xb = x.to(torch.bfloat16)[None]
+                row["torchao_int4_us"] = graph_time_us(lambda: linear(xb))
+                row["torchao_int4_GBps"] = n * k * 0.5 * (1 + 4 / 64) / row["torchao_int4_us"] / 1e3
+            except Exception as error:  # noqa: BLE001
+                row["torchao_int4"] = f"failed: {error!r}"[:300]
+        report["gemv_bandwidth"][name] = row
+        print(name, row, flush=True)
+
+
+def check_fast_llama() -> None:
+    """FastLlama (fp16 and 4-bit) against transformers' Llama on a small random model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float16).eval()
+    ids = torch.randint(0, 4096, (1, 300), device=DEVICE)
+    with torch.inference_mode():
+        reference = model(ids).logits[0].float()
+        for quantize in (False, True):
+            lm = FastLlama.from_hf(model.model, model.lm_head, max_tokens=512, quantize=quantize, device=DEVICE)
+            lm.capture()
+            label = "int4" if quantize else "fp16"
+            embeds = lm.embed(ids[0])
+            # whole prompt at once, then the same prompt in two pieces (prefix reuse)
+            full = lm.prefill_logits(embeds, 0)
+            lm.prefill_logits(embeds[:200], 0)
+            split = lm.prefill_logits(embeds[200:], 200)
+            check(f"FastLlama {label} prefill (split at 200) vs whole", split, full, 2e-3)
+            if not quantize:
+                check("FastLlama fp16 prefill vs transformers", full, reference[-1], 5e-3)
+            # decode step (CUDA graph) at position 299 vs prefill of all 300 tokens
+            lm.prefill_logits(embeds[:299], 0)
+            lm.decode_step(int(ids[0, 299]), 299)
+            check(f"FastLlama {label} graph decode vs prefill", lm._logits.float(), full, 5e-3)
+            # two more steps keep following the prefill path
+            token = lm.decode_step(int(torch.argmax(full)), 300)
+            both = torch.cat([ids[0], torch.argmax(full).view(1)])
+            again = lm.prefill_logits(lm.embed(both), 0)
+            check(f"FastLlama {label} second graph step vs prefill", lm._logits.float(), again, 5e-3)
+            report["checks"][f"FastLlama {label} next token agrees"] = {"ok": token == int(torch.argmax(again))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "check-gpu.json"))
+    args = parser.parse_args()
+    report["device"] = torch.cuda.get_device_name()
+    check_kernels()
+    check_fast_llama()
+    measure_gemv_bandwidth()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

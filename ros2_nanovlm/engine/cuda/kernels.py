@@ -1,0 +1,250 @@
+"""Triton kernels of the decode step, each with a small Python launcher.
+
+Batch-1 decode reads every weight once per token, so it is bound by memory bandwidth: the 4-bit
+GEMV reads packed weights row-contiguously and applies each group's scale and offset after the
+dot product (sum_k (q*s + m) x = s * sum_k q x + m * sum_k x). Attention reads the KV cache only
+up to the current length, which the kernel takes from a device tensor, so a CUDA graph captured
+once serves every position.
+
+Under TRITON_INTERPRET=1 the same kernels run on the CPU (the tests do that).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.int4 import Int4Weight
+
+# ---- 4-bit matrix-vector product ------------------------------------------------------------
+
+
+@triton.jit
+def _w4_gemv_kernel(
+    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr,
+    N_OUT,
+    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program.
+
+    GATED: W stacks gate rows then up rows (2 * N_OUT rows); out[n] = silu(gate . x) * (up . x).
+    ADD_RESIDUAL: out[n] += residual[n].
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N_OUT
+    half = tl.arange(0, GROUP // 2)
+    groups = K // GROUP
+    row_bytes = K // 2
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        x_even = tl.load(x_ptr + g * GROUP + 2 * half).to(tl.float32)
+        x_odd = tl.load(x_ptr + g * GROUP + 2 * half + 1).to(tl.float32)
+        x_sum = tl.sum(x_even, 0) + tl.sum(x_odd, 0)
+        byte_offsets = rows[:, None] * row_bytes + g * (GROUP // 2) + half[None, :]
+        p = tl.load(packed_ptr + byte_offsets, mask=row_mask[:, None], other=0).to(tl.int32)
+        dot = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :] + (p >> 4).to(tl.float32) * x_odd[None, :], 1)
+        scale = tl.load(scales_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+        offset = tl.load(offsets_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+        acc += scale * dot + offset * x_sum
+        if GATED:
+            up_rows = rows + N_OUT
+            p = tl.load(packed_ptr + byte_offsets + N_OUT * row_bytes, mask=row_mask[:, None], other=0).to(tl.int32)
+            dot = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :] + (p >> 4).to(tl.float32) * x_odd[None, :], 1)
+            scale = tl.load(scales_ptr + up_rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+            offset = tl.load(offsets_ptr + up_rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
+            acc_up += scale * dot + offset * x_sum
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if ADD_RESIDUAL:
+        acc += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def w4_gemv(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    out: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+    block_n: int = 8,
+    num_warps: int = 2,
+) -> torch.Tensor:
+    """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`."""
+    n_out = weight.out_features // 2 if gated else weight.out_features
+    if out is None:
+        out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_out, block_n),)
+    _w4_gemv_kernel[grid](
+        x, weight.packed, weight.scales, weight.offsets, out, residual if residual is not None else out,
+        n_out,
+        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, GATED=gated, ADD_RESIDUAL=residual is not None,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+# ---- dequantization for prefill (many tokens: dequantize, then one cuBLAS GEMM) --------------
+
+
+@triton.jit
+def _w4_dequant_kernel(packed_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    row_block = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, GROUP // 2)
+    groups = K // GROUP
+    p = tl.load(packed_ptr + rows[:, None] * (K // 2) + g * (GROUP // 2) + half[None, :]).to(tl.int32)
+    scale = tl.load(scales_ptr + rows * groups + g).to(tl.float32)[:, None]
+    offset = tl.load(offsets_ptr + rows * groups + g).to(tl.float32)[:, None]
+    base = out_ptr + rows[:, None] * K + g * GROUP + 2 * half[None, :]
+    tl.store(base, ((p & 0xF).to(tl.float32) * scale + offset).to(out_ptr.dtype.element_ty))
+    tl.store(base + 1, ((p >> 4).to(tl.float32) * scale + offset).to(out_ptr.dtype.element_ty))
+
+
+def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
+    """Write the fp16 weight into `out` (N, K), e.g. a scratch buffer reused by every layer."""
+    n, k = weight.out_features, weight.in_features
+    block_n = 16 if n % 16 == 0 else 1
+    grid = (n // block_n, k // weight.group_size)
+    _w4_dequant_kernel[grid](weight.packed, weight.scales, weight.offsets, out, K=k, GROUP=weight.group_size, BLOCK_N=block_n)
+    return out
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, weight_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, 0) / H
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
+    y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+    tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, H) or (H,) -> same shape."""
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    out = torch.empty_like(x) if out is None else out
+    _rmsnorm_kernel[(rows,)](x, weight, out, hidden, eps, BLOCK=triton.next_power_of_2(hidden))
+    return out
+
+
+# ---- rotary embedding + KV cache write ------------------------------------------------------
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, inv_freq_ptr,
+    attention_scaling, max_tokens,
+    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, head) of the fused qkv row: rotate q and k (rotate-half
+    convention, as transformers' Llama), write q to q_out and k, v into the cache at the token's
+    position."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    position = tl.load(positions_ptr + token)
+    half = tl.arange(0, HEAD_DIM // 2)
+    angle = position.to(tl.float32) * tl.load(inv_freq_ptr + half)
+    cos = tl.cos(angle) * attention_scaling
+    sin = tl.sin(angle) * attention_scaling
+    row = qkv_ptr + token * (N_Q_HEADS + 2 * N_KV_HEADS) * HEAD_DIM
+    if head < N_Q_HEADS:
+        src = row + head * HEAD_DIM
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+        dst = q_out_ptr + (token * N_Q_HEADS + head) * HEAD_DIM
+        tl.store(dst + half, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty))
+        tl.store(dst + HEAD_DIM // 2 + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty))
+    else:
+        kv_head = head - N_Q_HEADS
+        src = row + (N_Q_HEADS + kv_head) * HEAD_DIM
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+        slot = (kv_head * max_tokens + position) * HEAD_DIM
+        tl.store(k_cache_ptr + slot + half, (x1 * cos - x2 * sin).to(k_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + slot + HEAD_DIM // 2 + half, (x2 * cos + x1 * sin).to(k_cache_ptr.dtype.element_ty))
+        v_src = row + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM
+        full = tl.arange(0, HEAD_DIM)
+        tl.store(v_cache_ptr + slot + full, tl.load(v_src + full))
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_out: torch.Tensor,
+    n_q_heads: int,
+    n_kv_heads: int,
+) -> torch.Tensor:
+    """qkv (M, (Hq + 2 Hkv) D) -> rotated q (M, Hq, D); k, v written to caches (Hkv, T, D)."""
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    _rope_kv_kernel[(tokens, n_q_heads + n_kv_heads)](
+        qkv, q_out, k_cache, v_cache, positions, inv_freq, attention_scaling, k_cache.shape[1],
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim,
+    )  # fmt: skip
+    return q_out
+
+
+# ---- decode attention: one query token against the cache up to its length -----------------
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, length_ptr, sm_scale,
+    MAX_TOKENS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """One program per query head; online softmax over key blocks (flash-decoding style)."""
+    head = tl.program_id(0)
+    kv_head = head // GROUP_SIZE
+    length = tl.load(length_ptr)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * sm_scale
+    running_max = tl.full((), -float("inf"), tl.float32)
+    running_sum = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    base = kv_head * MAX_TOKENS * HEAD_DIM
+    # The trip count is static (the cache size) so one compiled kernel and one captured graph
+    # serve every length; blocks past `length` are skipped without touching memory.
+    for start in range(0, MAX_TOKENS, BLOCK_T):
+        if start < length:
+            t = start + tl.arange(0, BLOCK_T)
+            mask = t < length
+            offsets = base + t[:, None] * HEAD_DIM + dims[None, :]
+            k = tl.load(k_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(k * q[None, :], 1)
+            scores = tl.where(mask, scores, -float("inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, 0))
+            correction = tl.exp(running_max - new_max)
+            p = tl.exp(scores - new_max)
+            v = tl.load(v_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+            acc = acc * correction + tl.sum(p[:, None] * v, 0)
+            running_sum = running_sum * correction + tl.sum(p, 0)
+            running_max = new_max
+    tl.store(out_ptr + head * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """q (Hq, D); caches (Hkv, T, D); length: int32 device tensor (1,) -> out (Hq, D)."""
+    n_heads, head_dim = q.shape
+    group_size = n_heads // k_cache.shape[0]
+    _decode_attention_kernel[(n_heads,)](
+        q, k_cache, v_cache, out, length, head_dim**-0.5,
+        MAX_TOKENS=k_cache.shape[1], GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_T=64, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,117 @@
+"""Load a LLaVA checkpoint for the GPU fast path: the vision tower and projector stay
+transformers modules (fp16), the language model becomes a FastLlama (4-bit or fp16).
+
+4-bit weights are cached on disk beside the model directory (`<dir>.nanovlm-w4.safetensors`,
+or under $NANOVLM_HOME/cache when that is not writable): a second start reads about a quarter of
+the bytes and skips quantization.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..api import ModelLoadError
+from .fast_llama import FastLlama
+
+CACHE_FORMAT = "nanovlm-w4-v1"
+
+
+def load_fast_llava(model_path: str, device: torch.device, *, quantize: bool, max_tokens: int, cache_home: Path):
+    """(vision part of the LLaVA model on `device`, processor, FastLlama ready to run)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"cannot load the model in '{model_path}': {error}") from error
+    cache_file = quantized_cache_file(model_path, cache_home) if quantize else None
+    fingerprint = _fingerprint(model_path)
+    if cache_file is not None and _cache_matches(cache_file, fingerprint):
+        state = load_file(str(cache_file), device=str(device))
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.float16)
+        _drop_language_model(model)
+        vision_state = {name[4:]: tensor for name, tensor in state.items() if name.startswith("vlm.")}
+        result = model.load_state_dict(vision_state, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise ModelLoadError(f"stale 4-bit cache '{cache_file}': {result}; delete it to rebuild")
+        lm_state = {name[3:]: tensor for name, tensor in state.items() if name.startswith("lm.")}
+        lm = FastLlama.from_state(config.text_config, lm_state, max_tokens=max_tokens, device=device)
+    else:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float16, local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot load the model in '{model_path}': {error}") from error
+        lm = fast_llava_from_model(model, device, quantize=quantize, max_tokens=max_tokens)
+        if cache_file is not None:
+            _save_cache(cache_file, fingerprint, model, lm)
+    return model.eval(), processor, lm
+
+
+def fast_llava_from_model(model, device: torch.device, *, quantize: bool, max_tokens: int) -> FastLlama:
+    """Move the language model of a transformers LLaVA into a FastLlama (quantizing it on the
+    GPU layer by layer, with a progress bar); the rest of `model` goes to `device` in fp16."""
+    from tqdm.auto import tqdm
+
+    progress = (lambda layers: tqdm(layers, desc="quantizing to 4 bits", unit="layer")) if quantize else None
+    lm = FastLlama.from_hf(
+        model.model.language_model, model.lm_head, max_tokens=max_tokens, quantize=quantize, device=device, progress=progress
+    )
+    _drop_language_model(model)
+    model.to(device, torch.float16)
+    return lm
+
+
+def _drop_language_model(model) -> None:
+    """FastLlama holds the language model's weights; free transformers' copies."""
+    language_model = model.model.language_model
+    language_model.layers = torch.nn.ModuleList()
+    language_model.embed_tokens = None
+    language_model.norm = None
+    model.lm_head = None
+
+
+def quantized_cache_file(model_path: str, cache_home: Path) -> Path:
+    source = Path(model_path).expanduser().resolve()
+    beside = source.with_name(f"{source.name}.nanovlm-w4.safetensors")
+    if os.access(source.parent, os.W_OK):
+        return beside
+    digest = hashlib.sha256(str(source).encode()).hexdigest()[:16]
+    return cache_home / "cache" / f"{source.name}-{digest}.nanovlm-w4.safetensors"
+
+
+def _fingerprint(model_path: str) -> str:
+    """Changes when the checkpoint or the cache format does."""
+    source = Path(model_path).expanduser()
+    parts = [CACHE_FORMAT, (source / "config.json").read_text()]
+    for weights in sorted(source.glob("*.safetensors")):
+        stat = weights.stat()
+        parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _cache_matches(cache_file: Path, fingerprint: str) -> bool:
+    if not cache_file.is_file():
+        return False
+    try:
+        with safe_open(str(cache_file), framework="pt") as handle:
+            return (handle.metadata() or {}).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _save_cache(cache_file: Path, fingerprint: str, model, lm: FastLlama) -> None:
+    state = {f"vlm.{name}": tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state.update({f"lm.{name}": tensor.contiguous() for name, tensor in lm.state_dict().items()})
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(".partial")
+    save_file(state, str(partial), metadata={"fingerprint": fingerprint, "format": CACHE_FORMAT,
+                                             "note": json.dumps("4-bit weights made by nanovlm; safe to delete")})
+    partial.replace(cache_file)

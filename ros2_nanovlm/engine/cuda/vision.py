@@ -1,0 +1,49 @@
+"""LLaVA-1.5 image preprocessing on the GPU: the uint8 frame goes to the device once, and
+resize, centre crop and normalisation run there (what CLIPImageProcessor does on the CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class GpuLlavaImageEncoder:
+    def __init__(self, model, image_processor, device: torch.device, dtype: torch.dtype):
+        self._model = model
+        self._device = device
+        self._dtype = dtype
+        size = image_processor.size
+        self._shortest_edge = size.get("shortest_edge") or min(size["height"], size["width"])
+        crop = image_processor.crop_size
+        self._crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        scale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+        mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+        # (x * scale - mean) / std as one multiply-add
+        self._multiplier = scale / std
+        self._offset = -mean / std
+        config = model.config
+        self._feature_kwargs = dict(
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+
+    def preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(frame).to(self._device, non_blocking=True)
+        pixels = pixels.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        height, width = pixels.shape[-2:]
+        ratio = self._shortest_edge / min(height, width)
+        resized = (max(self._crop[0], round(height * ratio)), max(self._crop[1], round(width * ratio)))
+        pixels = F.interpolate(pixels, size=resized, mode="bicubic", antialias=True, align_corners=False)
+        top = (resized[0] - self._crop[0]) // 2
+        left = (resized[1] - self._crop[1]) // 2
+        pixels = pixels[..., top : top + self._crop[0], left : left + self._crop[1]]
+        return (pixels.clamp(0, 255) * self._multiplier + self._offset).to(self._dtype)
+
+    @torch.inference_mode()
+    def __call__(self, frame: np.ndarray) -> torch.Tensor:
+        output = self._model.model.get_image_features(pixel_values=self.preprocess(frame), **self._feature_kwargs)
+        features = output.pooler_output if hasattr(output, "pooler_output") else output
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features), dim=0)
+        return features.reshape(-1, features.shape[-1])

@@ -1,0 +1,44 @@
+"""Runs the language model of a transformers VLM: embeddings in, greedy tokens out, KV cache
+kept between calls. The GPU fast path (cuda/fast_llama.py) offers the same four methods."""
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+
+
+class TransformersLMRunner:
+    """The model's own forward with a StaticCache: any architecture transformers supports,
+    on any device (the CPU path, and GPUs for models FastLlama does not cover)."""
+
+    def __init__(self, model, max_tokens: int):
+        self._model = model
+        self.max_tokens = max_tokens
+        self._cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        self._device = next(model.parameters()).device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._model.get_input_embeddings()(ids)
+
+    def rewind(self, length: int) -> None:
+        # transformers' StaticLayer writes at its `cumulative_length` (pinned transformers 5.17).
+        for layer in self._cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def prefill(self, embeds: torch.Tensor, start: int) -> int:
+        return self._forward(start, inputs_embeds=embeds[None])
+
+    def decode_step(self, token: int, position: int) -> int:
+        return self._forward(position, input_ids=torch.tensor([[token]], device=self._device))
+
+    def _forward(self, start: int, *, input_ids=None, inputs_embeds=None) -> int:
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        positions = torch.arange(start, start + length, device=self._device).unsqueeze(0)
+        output = self._model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return int(output.logits[0, -1].argmax())
