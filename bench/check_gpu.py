@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
-from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, graph_time_us  # noqa: E402
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -52,10 +52,10 @@ def check_kernels() -> None:
         if gated:
             reference = F.silu(reference[: n // 2]) * reference[n // 2 :]
         residual = torch.randn(reference.shape[0], device=DEVICE, dtype=torch.float16)
-        out = kernels.w4_gemv(x, packed, residual=residual.clone(), gated=gated)
-        # out aliases nothing here; the residual case writes into a copy
-        out = kernels.w4_gemv(x, packed, out=residual.clone(), residual=residual.clone(), gated=gated)
-        check(f"w4_gemv {name} {n}x{k}", out, reference + residual.float(), 2e-3)
+        for config in ((1, 1, 1), (4, 4, 2), (16, 8, 4)):
+            in_place = residual.clone()  # out aliases residual, as in the decode step
+            out = kernels.w4_gemv(x, packed, out=in_place, residual=in_place, gated=gated, config=config)
+            check(f"w4_gemv {name} {n}x{k} {config}", out, reference + residual.float(), 2e-3)
         scratch = torch.empty(n, k, device=DEVICE, dtype=torch.float16)
         check(f"w4_dequantize {name}", kernels.w4_dequantize(packed, scratch), dequantize_int4(packed), 1e-3)
         check(f"int4 round trip {name} (quantization error, informational)", dequantize_int4(packed), weight, 0.12)
@@ -76,29 +76,6 @@ def check_kernels() -> None:
         check(f"decode_attention {hq}/{hkv} heads len {length}", out, reference[:, 0], 2e-3)
 
 
-def graph_time_us(function, calls: int = 50, replays: int = 20) -> float:
-    """Median time of one call, from CUDA-graph replays of `calls` back-to-back calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_gemv_bandwidth() -> None:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
@@ -110,14 +87,13 @@ def measure_gemv_bandwidth() -> None:
         packed = quantize_int4(weight)
         x = torch.randn(k, device=DEVICE, dtype=torch.float16)
         row = {}
-        best = None
-        for block_n, warps in ((4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4)):
-            us = graph_time_us(lambda: kernels.w4_gemv(x, packed, block_n=block_n, num_warps=warps))
-            if best is None or us < best[0]:
-                best = (us, block_n, warps)
-        row["ours_w4_us"] = best[0]
-        row["ours_w4_config"] = best[1:]
-        row["ours_w4_GBps"] = packed.nbytes() / best[0] / 1e3
+        timings = {config: graph_time_us(lambda config=config: kernels.w4_gemv(x, packed, config=config), calls=20, replays=5)
+                   for config in kernels.GEMV_CONFIGS}  # fmt: skip
+        ranked = sorted(timings, key=timings.get)
+        row["ours_w4_us"] = graph_time_us(lambda: kernels.w4_gemv(x, packed, config=ranked[0]))
+        row["ours_w4_config"] = ranked[0]
+        row["ours_w4_top5"] = [(config, round(timings[config], 2)) for config in ranked[:5]]
+        row["ours_w4_GBps"] = packed.nbytes() / row["ours_w4_us"] / 1e3
         row["cublas_fp16_us"] = graph_time_us(lambda: F.linear(x, weight))
         row["cublas_fp16_GBps"] = weight.numel() * 2 / row["cublas_fp16_us"] / 1e3
         if quantize_ is not None:

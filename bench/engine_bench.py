@@ -34,8 +34,10 @@ from ros2_nanovlm.engine import EngineConfig, Turn, VLMEngine  # noqa: E402
 from ros2_nanovlm.engine.hf.backend import TransformersBackend  # noqa: E402
 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheet figures
-SYSTEM = "A chat between a curious user and an AI assistant."
-QUESTION = "Is the path ahead clear? Answer yes or no."
+# LLaVA-1.5's template with no system prompt and a short yes/no question: 576 image tokens and
+# about 50 text tokens (the tokenizer is byte-level), as in the baseline of ../shared/ENVIRONMENT.md.
+SYSTEM = ""
+QUESTION = "Is the path clear? Yes or no."
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

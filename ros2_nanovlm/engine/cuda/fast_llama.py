@@ -60,7 +60,7 @@ class FastLlama:
         largest = max(w.out_features * w.in_features for w in (layers[0].qkv, layers[0].gate_up, layers[0].down)) if self.quantized else 0
         self._scratch = torch.empty(largest, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._gemv_configs: dict[tuple, tuple[int, int]] = {}
+        self._gemv_configs: dict[tuple, tuple[int, int, int]] = {}
 
     @classmethod
     def from_hf(cls, text_model, lm_head: torch.nn.Linear, *, max_tokens: int, quantize: bool,
@@ -217,8 +217,8 @@ class FastLlama:
                 out.copy_(y)
                 return out
             return y
-        block_n, warps = self._gemv_configs.get((weight.out_features, weight.in_features, gated), (8, 2))
-        return kernels.w4_gemv(x, weight, out, residual=residual, gated=gated, block_n=block_n, num_warps=warps)
+        config = self._gemv_configs.get((weight.out_features, weight.in_features, gated), kernels.DEFAULT_GEMV_CONFIG)
+        return kernels.w4_gemv(x, weight, out, residual=residual, gated=gated, config=config)
 
     def _decode_step_body(self) -> None:
         """The graph body: reads self._token and self._position, writes self._token (greedy)."""
@@ -257,27 +257,21 @@ class FastLlama:
         self._host_token = -1  # what self._token holds, as far as the host knows
         self._host_position = -1
 
-    def tune_gemv(self, candidates=((4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4))) -> dict:
-        """Pick the fastest (rows per program, warps) of the 4-bit GEMV for each matrix shape."""
+    def tune_gemv(self) -> dict:
+        """Pick the fastest GEMV launch configuration for each 4-bit matrix shape, timing CUDA
+        graphs of back-to-back calls (how the decode step runs them)."""
         if not self.quantized:
             return {}
         layer = self.layers[0]
         x = torch.randn(max(self.hidden, self.intermediate), dtype=torch.float16, device=self.device)
         for weight, gated in ((layer.qkv, False), (layer.o, False), (layer.gate_up, True), (layer.down, False)):
-            key = (weight.out_features, weight.in_features, gated)
             timings = {}
-            for block_n, warps in candidates:
-                run = lambda: kernels.w4_gemv(x[: weight.in_features], weight, gated=gated, block_n=block_n, num_warps=warps)  # noqa: E731
-                run()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    run()
-                end.record()
-                end.synchronize()
-                timings[(block_n, warps)] = start.elapsed_time(end) / 20
-            self._gemv_configs[key] = min(timings, key=timings.get)
+            for config in kernels.QUICK_GEMV_CONFIGS:
+                def run(config=config):
+                    kernels.w4_gemv(x[: weight.in_features], weight, gated=gated, config=config)
+
+                timings[config] = graph_time_us(run, calls=20, replays=5)
+            self._gemv_configs[(weight.out_features, weight.in_features, gated)] = min(timings, key=timings.get)
         return dict(self._gemv_configs)
 
     def capture(self) -> float:
@@ -318,6 +312,29 @@ class FastLlama:
 
     def rewind(self, length: int) -> None:
         """Nothing to do: positions are explicit, and attention never reads past `length`."""
+
+
+def graph_time_us(function, calls: int = 50, replays: int = 20) -> float:
+    """Median microseconds of one call of `function`, from CUDA-graph replays of `calls` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def _rotary_parameters(config, device) -> tuple[torch.Tensor, float]:

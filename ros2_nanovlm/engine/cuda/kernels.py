@@ -20,12 +20,31 @@ from ..quant.int4 import Int4Weight
 
 
 @triton.jit
+def _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x_even, x_odd, x_sums,
+            K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
+    """Partial dot products of BLOCK_G groups for each row: (BLOCK_N,) float32."""
+    groups = tl.arange(0, BLOCK_G)
+    half = tl.arange(0, GROUP // 2)
+    group_mask = (group0 + groups) < K // GROUP
+    mask = row_mask[:, None, None] & group_mask[None, :, None]
+    offsets = rows[:, None, None] * (K // 2) + (group0 + groups)[None, :, None] * (GROUP // 2) + half[None, None, :]
+    p = tl.load(packed_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+    dots = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :, :] + (p >> 4).to(tl.float32) * x_odd[None, :, :], 2)
+    parameter_offsets = rows[:, None] * (K // GROUP) + group0 + groups[None, :]
+    parameter_mask = row_mask[:, None] & group_mask[None, :]
+    scale = tl.load(scales_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
+    offset = tl.load(offsets_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
+    return tl.sum(scale * dots + offset * x_sums[None, :], 1)
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr,
     N_OUT,
-    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program.
+    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program, BLOCK_G groups a step.
 
     GATED: W stacks gate rows then up rows (2 * N_OUT rows); out[n] = silu(gate . x) * (up . x).
     ADD_RESIDUAL: out[n] += residual[n].
@@ -33,33 +52,39 @@ def _w4_gemv_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
+    groups = tl.arange(0, BLOCK_G)
     half = tl.arange(0, GROUP // 2)
-    groups = K // GROUP
-    row_bytes = K // 2
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for g in range(0, K // GROUP):
-        x_even = tl.load(x_ptr + g * GROUP + 2 * half).to(tl.float32)
-        x_odd = tl.load(x_ptr + g * GROUP + 2 * half + 1).to(tl.float32)
-        x_sum = tl.sum(x_even, 0) + tl.sum(x_odd, 0)
-        byte_offsets = rows[:, None] * row_bytes + g * (GROUP // 2) + half[None, :]
-        p = tl.load(packed_ptr + byte_offsets, mask=row_mask[:, None], other=0).to(tl.int32)
-        dot = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :] + (p >> 4).to(tl.float32) * x_odd[None, :], 1)
-        scale = tl.load(scales_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-        offset = tl.load(offsets_ptr + rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-        acc += scale * dot + offset * x_sum
+    for group0 in range(0, K // GROUP, BLOCK_G):
+        k_even = (group0 + groups)[:, None] * GROUP + 2 * half[None, :]
+        x_mask = k_even < K
+        x_even = tl.load(x_ptr + k_even, mask=x_mask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + k_even + 1, mask=x_mask, other=0.0).to(tl.float32)
+        x_sums = tl.sum(x_even + x_odd, 1)
+        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x_even, x_odd, x_sums,
+                       K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
         if GATED:
-            up_rows = rows + N_OUT
-            p = tl.load(packed_ptr + byte_offsets + N_OUT * row_bytes, mask=row_mask[:, None], other=0).to(tl.int32)
-            dot = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :] + (p >> 4).to(tl.float32) * x_odd[None, :], 1)
-            scale = tl.load(scales_ptr + up_rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-            offset = tl.load(offsets_ptr + up_rows * groups + g, mask=row_mask, other=0.0).to(tl.float32)
-            acc_up += scale * dot + offset * x_sum
+            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, group0, x_even, x_odd, x_sums,
+                              K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if ADD_RESIDUAL:
         acc += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+# (rows per program, groups per step, warps): the candidates FastLlama.tune_gemv times per shape
+GEMV_CONFIGS = [
+    (block_n, block_g, warps)
+    for block_n in (1, 2, 4, 8, 16)
+    for block_g in (1, 2, 4, 8)
+    for warps in (1, 2, 4)
+    if block_n * block_g <= 32
+]
+DEFAULT_GEMV_CONFIG = (4, 2, 1)
+# The short list tuned at start-up (the full list takes minutes of Triton compiles).
+QUICK_GEMV_CONFIGS = [(1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 2, 1), (4, 4, 2), (8, 2, 2), (8, 4, 4), (16, 2, 4)]
 
 
 def w4_gemv(
@@ -69,19 +94,20 @@ def w4_gemv(
     *,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    block_n: int = 8,
-    num_warps: int = 2,
+    config: tuple[int, int, int] = DEFAULT_GEMV_CONFIG,
 ) -> torch.Tensor:
     """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`."""
     n_out = weight.out_features // 2 if gated else weight.out_features
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    block_n, block_g, warps = config
     grid = (triton.cdiv(n_out, block_n),)
     _w4_gemv_kernel[grid](
         x, weight.packed, weight.scales, weight.offsets, out, residual if residual is not None else out,
         n_out,
-        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, GATED=gated, ADD_RESIDUAL=residual is not None,
-        num_warps=num_warps,
+        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
+        GATED=gated, ADD_RESIDUAL=residual is not None,
+        num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -12,10 +12,9 @@ class GpuLlavaImageEncoder:
         self._model = model
         self._device = device
         self._dtype = dtype
-        size = image_processor.size
-        self._shortest_edge = size.get("shortest_edge") or min(size["height"], size["width"])
-        crop = image_processor.crop_size
-        self._crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        size, crop = image_processor.size, image_processor.crop_size
+        self._shortest_edge = _field(size, "shortest_edge") or min(_field(size, "height"), _field(size, "width"))
+        self._crop = (_field(crop, "height"), _field(crop, "width"))
         scale = float(getattr(image_processor, "rescale_factor", 1 / 255))
         mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
@@ -32,8 +31,9 @@ class GpuLlavaImageEncoder:
         pixels = torch.from_numpy(frame).to(self._device, non_blocking=True)
         pixels = pixels.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
         height, width = pixels.shape[-2:]
-        ratio = self._shortest_edge / min(height, width)
-        resized = (max(self._crop[0], round(height * ratio)), max(self._crop[1], round(width * ratio)))
+        # as transformers: the short side becomes shortest_edge, the long side is truncated
+        edge = self._shortest_edge
+        resized = (edge, int(edge * width / height)) if height <= width else (int(edge * height / width), edge)
         pixels = F.interpolate(pixels, size=resized, mode="bicubic", antialias=True, align_corners=False)
         top = (resized[0] - self._crop[0]) // 2
         left = (resized[1] - self._crop[1]) // 2
@@ -47,3 +47,8 @@ class GpuLlavaImageEncoder:
         if isinstance(features, (list, tuple)):
             features = torch.cat(list(features), dim=0)
         return features.reshape(-1, features.shape[-1])
+
+
+def _field(size, name: str):
+    """A field of an image processor's size (a dict, or transformers' SizeDict)."""
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
