@@ -145,14 +145,93 @@ def check_fast_llama() -> None:
             report["checks"][f"FastLlama {label} next token agrees"] = {"ok": token == int(torch.argmax(again))}
 
 
+def profile_decode() -> None:
+    """Where a 7B 4-bit decode step's time goes: the whole graph, the Python step, and graphs of
+    each kernel kind repeated as often as one step runs it."""
+    from transformers import LlamaConfig
+
+    from ros2_nanovlm.engine.cuda.fast_llama import LayerWeights
+
+    config = LlamaConfig(**{"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064})  # fmt: skip
+    torch.manual_seed(0)
+    half = torch.float16
+
+    def int4(n, k):
+        return quantize_int4(torch.randn(n, k, device=DEVICE, dtype=half) * 0.02)
+
+    layers = [
+        LayerWeights(torch.ones(4096, device=DEVICE, dtype=half), int4(12288, 4096), int4(4096, 4096),
+                     torch.ones(4096, device=DEVICE, dtype=half), int4(22016, 4096), int4(4096, 11008))  # fmt: skip
+        for _ in range(32)
+    ]
+    lm = FastLlama(config, embed_tokens=torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02,
+                   final_norm=torch.ones(4096, device=DEVICE, dtype=half),
+                   lm_head=torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02,
+                   layers=layers, max_tokens=1024, device=DEVICE)  # fmt: skip
+    lm.capture()
+    profile = {"gemv_configs": {str(k): v for k, v in lm._gemv_configs.items()}}
+    lm._position.fill_(650)
+    lm._length.fill_(651)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        lm._graph.replay()
+    end.record()
+    end.synchronize()
+    profile["graph_replay_ms"] = start.elapsed_time(end) / 50
+    import time as _time
+
+    torch.cuda.synchronize()
+    began = _time.perf_counter()
+    token = 5
+    for step in range(100):
+        token = lm.decode_step(token, 600 + step)
+    profile["decode_step_ms"] = (_time.perf_counter() - began) * 1000 / 100
+    q = torch.randn(32, 128, device=DEVICE, dtype=half)
+    out = torch.empty_like(q)
+    profile["attention_x32_us"] = 32 * graph_time_us(lambda: kernels.decode_attention(q, lm.k_cache[0], lm.v_cache[0], lm._length, out))
+    x = torch.randn(4096, device=DEVICE, dtype=half)
+    profile["rmsnorm_x65_us"] = 65 * graph_time_us(lambda: kernels.rmsnorm(x, layers[0].input_norm, 1e-5, out=lm._h))
+    qkv = torch.randn(1, 12288, device=DEVICE, dtype=half)
+    profile["rope_x32_us"] = 32 * graph_time_us(lambda: kernels.rope_and_cache(
+        qkv, lm._position, lm.inv_freq, 1.0, lm.k_cache[0], lm.v_cache[0], lm._q, 32, 32))  # fmt: skip
+    profile["lm_head_us"] = graph_time_us(lambda: torch.matmul(lm.lm_head, x, out=lm._logits))
+    gemv_us = 0.0
+    for weight, gated in ((layers[0].qkv, False), (layers[0].o, False), (layers[0].gate_up, True), (layers[0].down, False)):
+        config = lm._gemv_configs[(weight.out_features, weight.in_features, gated)]
+        gemv_us += graph_time_us(lambda: kernels.w4_gemv(x if weight.in_features == 4096 else lm._act, weight, gated=gated, config=config))
+    profile["gemv_x32_us"] = 32 * gemv_us
+    profile["weight_bytes_per_token"] = lm.weight_bytes_per_token()
+    embeds = torch.randn(623, 4096, device=DEVICE, dtype=half) * 0.02
+    profile["prefill_623_ms"] = graph_free_ms(lambda: lm.prefill(embeds, 0))
+    report["decode_profile_7b_int4"] = profile
+    print("decode profile", profile, flush=True)
+
+
+def graph_free_ms(function, repeats: int = 5) -> float:
+    function()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="time every GEMV launch configuration")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "check-gpu.json"))
     args = parser.parse_args()
     report["device"] = torch.cuda.get_device_name()
     check_kernels()
     check_fast_llama()
-    measure_gemv_bandwidth()
+    profile_decode()
+    if "--sweep" in sys.argv:
+        measure_gemv_bandwidth()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")

@@ -57,7 +57,9 @@ class FastLlama:
         self.k_cache = torch.zeros(cache_shape, dtype=half, device=device)
         self.v_cache = torch.zeros(cache_shape, dtype=half, device=device)
         # Prefill dequantizes each 4-bit matrix into this one buffer before its GEMM.
-        largest = max(w.out_features * w.in_features for w in (layers[0].qkv, layers[0].gate_up, layers[0].down)) if self.quantized else 0
+        # gate and up are dequantized one after the other, so the buffer holds half of gate_up
+        first = layers[0]
+        largest = max(first.qkv.out_features * self.hidden, self.intermediate * self.hidden) if self.quantized else 0
         self._scratch = torch.empty(largest, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._gemv_configs: dict[tuple, tuple[int, int, int]] = {}
@@ -164,6 +166,12 @@ class FastLlama:
             weight = kernels.w4_dequantize(weight, self._scratch[: n * k].view(n, k))
         return F.linear(x, weight)
 
+    def _gate_and_up(self, h: torch.Tensor, gate_up) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(gate_up, Int4Weight):
+            half = gate_up.out_features // 2
+            return self._linear(h, gate_up.rows(0, half)), self._linear(h, gate_up.rows(half, 2 * half))
+        return self._linear(h, gate_up).chunk(2, dim=-1)
+
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
         """Run positions start..start+L-1 (embeds (L, H)), fill their KV; the next token (greedy)."""
         return int(torch.argmax(self.prefill_logits(embeds, start)))
@@ -198,7 +206,7 @@ class FastLlama:
             )
             x = x + self._linear(attention[0].transpose(0, 1).reshape(length, -1), layer.o)
             h = kernels.rmsnorm(x, layer.post_norm, self.eps)
-            gate, up = self._linear(h, layer.gate_up).chunk(2, dim=-1)
+            gate, up = self._gate_and_up(h, layer.gate_up)
             x = x + self._linear(F.silu(gate) * up, layer.down)
         last = kernels.rmsnorm(x[-1].contiguous(), self.final_norm, self.eps)
         return F.linear(last, self.lm_head)

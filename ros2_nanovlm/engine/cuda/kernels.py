@@ -20,16 +20,28 @@ from ..quant.int4 import Int4Weight
 
 
 @triton.jit
-def _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x_even, x_odd, x_sums,
+def _nibbles_to_float(words):
+    """(..., W) int32 words -> (..., W, 8) float32 values 0..15, nibble i of word j being k = 8j + i.
+
+    No int-to-float conversion instruction (a quarter-rate one on these GPUs): OR-ing a nibble
+    into the mantissa of 2**23 gives 2**23 + q exactly, and one subtraction leaves q."""
+    shifts = 4 * tl.arange(0, 8)
+    nibbles = (tl.expand_dims(words, -1) >> shifts) & 0xF
+    return (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _w4_dot(words_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x, x_sums,
             K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
-    """Partial dot products of BLOCK_G groups for each row: (BLOCK_N,) float32."""
+    """Partial dot products over BLOCK_G groups for each row: (BLOCK_N,) float32.
+    x: (BLOCK_G, GROUP // 8, 8) float32, x_sums: (BLOCK_G,)."""
     groups = tl.arange(0, BLOCK_G)
-    half = tl.arange(0, GROUP // 2)
+    word = tl.arange(0, GROUP // 8)
     group_mask = (group0 + groups) < K // GROUP
+    offsets = rows[:, None, None] * (K // 8) + (group0 + groups)[None, :, None] * (GROUP // 8) + word[None, None, :]
     mask = row_mask[:, None, None] & group_mask[None, :, None]
-    offsets = rows[:, None, None] * (K // 2) + (group0 + groups)[None, :, None] * (GROUP // 2) + half[None, None, :]
-    p = tl.load(packed_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
-    dots = tl.sum((p & 0xF).to(tl.float32) * x_even[None, :, :] + (p >> 4).to(tl.float32) * x_odd[None, :, :], 2)
+    words = tl.load(words_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first")
+    dots = tl.sum(tl.sum(_nibbles_to_float(words) * x[None, :, :, :], 3), 2)
     parameter_offsets = rows[:, None] * (K // GROUP) + group0 + groups[None, :]
     parameter_mask = row_mask[:, None] & group_mask[None, :]
     scale = tl.load(scales_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
@@ -53,19 +65,18 @@ def _w4_gemv_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
     groups = tl.arange(0, BLOCK_G)
-    half = tl.arange(0, GROUP // 2)
+    word = tl.arange(0, GROUP // 8)
+    nibble = tl.arange(0, 8)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for group0 in range(0, K // GROUP, BLOCK_G):
-        k_even = (group0 + groups)[:, None] * GROUP + 2 * half[None, :]
-        x_mask = k_even < K
-        x_even = tl.load(x_ptr + k_even, mask=x_mask, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + k_even + 1, mask=x_mask, other=0.0).to(tl.float32)
-        x_sums = tl.sum(x_even + x_odd, 1)
-        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x_even, x_odd, x_sums,
+        k = (group0 + groups)[:, None, None] * GROUP + word[None, :, None] * 8 + nibble[None, None, :]
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        x_sums = tl.sum(tl.sum(x, 2), 1)
+        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x, x_sums,
                        K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
         if GATED:
-            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, group0, x_even, x_odd, x_sums,
+            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, group0, x, x_sums,
                               K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
@@ -103,7 +114,7 @@ def w4_gemv(
     block_n, block_g, warps = config
     grid = (triton.cdiv(n_out, block_n),)
     _w4_gemv_kernel[grid](
-        x, weight.packed, weight.scales, weight.offsets, out, residual if residual is not None else out,
+        x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
         n_out,
         K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
         GATED=gated, ADD_RESIDUAL=residual is not None,
@@ -116,18 +127,19 @@ def w4_gemv(
 
 
 @triton.jit
-def _w4_dequant_kernel(packed_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _w4_dequant_kernel(words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One group of BLOCK_N rows per program; stores are contiguous along k."""
     row_block = tl.program_id(0)
     g = tl.program_id(1)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, GROUP // 2)
-    groups = K // GROUP
-    p = tl.load(packed_ptr + rows[:, None] * (K // 2) + g * (GROUP // 2) + half[None, :]).to(tl.int32)
-    scale = tl.load(scales_ptr + rows * groups + g).to(tl.float32)[:, None]
-    offset = tl.load(offsets_ptr + rows * groups + g).to(tl.float32)[:, None]
-    base = out_ptr + rows[:, None] * K + g * GROUP + 2 * half[None, :]
-    tl.store(base, ((p & 0xF).to(tl.float32) * scale + offset).to(out_ptr.dtype.element_ty))
-    tl.store(base + 1, ((p >> 4).to(tl.float32) * scale + offset).to(out_ptr.dtype.element_ty))
+    word = tl.arange(0, GROUP // 8)
+    nibble = tl.arange(0, 8)
+    words = tl.load(words_ptr + rows[:, None] * (K // 8) + g * (GROUP // 8) + word[None, :])
+    scale = tl.load(scales_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None, None]
+    offset = tl.load(offsets_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None, None]
+    values = _nibbles_to_float(words) * scale + offset
+    targets = out_ptr + rows[:, None, None] * K + g * GROUP + word[None, :, None] * 8 + nibble[None, None, :]
+    tl.store(targets, values.to(out_ptr.dtype.element_ty))
 
 
 def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
@@ -135,7 +147,8 @@ def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     n, k = weight.out_features, weight.in_features
     block_n = 16 if n % 16 == 0 else 1
     grid = (n // block_n, k // weight.group_size)
-    _w4_dequant_kernel[grid](weight.packed, weight.scales, weight.offsets, out, K=k, GROUP=weight.group_size, BLOCK_N=block_n)
+    _w4_dequant_kernel[grid](weight.packed.view(torch.int32), weight.scales, weight.offsets, out,
+                             K=k, GROUP=weight.group_size, BLOCK_N=block_n)  # fmt: skip
     return out
 
 

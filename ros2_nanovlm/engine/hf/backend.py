@@ -60,6 +60,7 @@ class TransformersBackend(Backend):
         self.lm = lm
         if model.config.model_type == "llava":
             self.encode_image = GpuLlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
+            self.encode_image.capture()
         else:  # LLaVA-1.6 tiles the image by its aspect ratio: its processor does that on the CPU
             self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
         self._finish_load(model, processor)

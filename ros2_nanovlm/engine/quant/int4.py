@@ -41,6 +41,10 @@ class Int4Weight:
     def in_features(self) -> int:
         return self.packed.shape[1] * 2
 
+    def rows(self, start: int, stop: int) -> "Int4Weight":
+        """Output rows start..stop-1 (views, no copy)."""
+        return Int4Weight(self.packed[start:stop], self.scales[start:stop], self.offsets[start:stop], self.group_size)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.offsets))
 
