@@ -239,7 +239,9 @@ class FastLlama:
                 qkv[None], self._position, self.inv_freq, self.attention_scaling,
                 self.k_cache[index], self.v_cache[index], self._q, self.n_heads, self.n_kv_heads,
             )  # fmt: skip
-            kernels.decode_attention(self._q[0], self.k_cache[index], self.v_cache[index], self._length, self._attention)
+            kernels.decode_attention(
+                self._q[0], self.k_cache[index], self.v_cache[index], self._length, self._attention, self._attention_workspace
+            )
             self._gemv(self._attention.view(-1), layer.o, out=x, residual=x)
             h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h)
             act = self._gemv(h, layer.gate_up, out=self._act, gated=True)
@@ -262,6 +264,7 @@ class FastLlama:
         self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=half, device=device)
         self._act = torch.zeros(self.intermediate, dtype=half, device=device)
         self._logits = torch.zeros(self.lm_head.shape[0], dtype=half, device=device)
+        self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
         self._host_token = -1  # what self._token holds, as far as the host knows
         self._host_position = -1
 

@@ -20,28 +20,30 @@ from ..quant.int4 import Int4Weight
 
 
 @triton.jit
-def _nibbles_to_float(words):
-    """(..., W) int32 words -> (..., W, 8) float32 values 0..15, nibble i of word j being k = 8j + i.
-
-    No int-to-float conversion instruction (a quarter-rate one on these GPUs): OR-ing a nibble
-    into the mantissa of 2**23 gives 2**23 + q exactly, and one subtraction leaves q."""
-    shifts = 4 * tl.arange(0, 8)
-    nibbles = (tl.expand_dims(words, -1) >> shifts) & 0xF
-    return (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _nibble(words, i: tl.constexpr):
+    """Nibble i of each int32 word as float32 0..15, without an int-to-float conversion
+    instruction (quarter rate on these GPUs): OR-ing q into the mantissa of 2**23 gives
+    exactly 2**23 + q, and one subtraction leaves q."""
+    return (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _w4_dot(words_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x, x_sums,
+def _w4_dot(words_ptr, scales_ptr, offsets_ptr, x_ptr, rows, row_mask, group0, x_sums,
             K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
-    """Partial dot products over BLOCK_G groups for each row: (BLOCK_N,) float32.
-    x: (BLOCK_G, GROUP // 8, 8) float32, x_sums: (BLOCK_G,)."""
+    """Partial dot products over BLOCK_G groups for each row: (BLOCK_N,) float32."""
+    WORDS: tl.constexpr = GROUP // 8
     groups = tl.arange(0, BLOCK_G)
-    word = tl.arange(0, GROUP // 8)
+    word = tl.arange(0, WORDS)
     group_mask = (group0 + groups) < K // GROUP
-    offsets = rows[:, None, None] * (K // 8) + (group0 + groups)[None, :, None] * (GROUP // 8) + word[None, None, :]
+    offsets = rows[:, None, None] * (K // 8) + (group0 + groups)[None, :, None] * WORDS + word[None, None, :]
     mask = row_mask[:, None, None] & group_mask[None, :, None]
     words = tl.load(words_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first")
-    dots = tl.sum(tl.sum(_nibbles_to_float(words) * x[None, :, :, :], 3), 2)
+    products = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        # nibble i of the words of a group multiplies a contiguous run of x
+        x = tl.load(x_ptr + (group0 + groups)[:, None] * GROUP + i * WORDS + word[None, :], mask=group_mask[:, None], other=0.0)
+        products += _nibble(words, i) * x.to(tl.float32)[None, :, :]
+    dots = tl.sum(products, 2)
     parameter_offsets = rows[:, None] * (K // GROUP) + group0 + groups[None, :]
     parameter_mask = row_mask[:, None] & group_mask[None, :]
     scale = tl.load(scales_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
@@ -65,18 +67,16 @@ def _w4_gemv_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
     groups = tl.arange(0, BLOCK_G)
-    word = tl.arange(0, GROUP // 8)
-    nibble = tl.arange(0, 8)
+    within = tl.arange(0, GROUP)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for group0 in range(0, K // GROUP, BLOCK_G):
-        k = (group0 + groups)[:, None, None] * GROUP + word[None, :, None] * 8 + nibble[None, None, :]
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        x_sums = tl.sum(tl.sum(x, 2), 1)
-        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows, row_mask, group0, x, x_sums,
+        k = (group0 + groups)[:, None] * GROUP + within[None, :]
+        x_sums = tl.sum(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), 1)
+        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, x_ptr, rows, row_mask, group0, x_sums,
                        K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
         if GATED:
-            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, group0, x, x_sums,
+            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, x_ptr, rows + N_OUT, row_mask, group0, x_sums,
                               K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
@@ -95,7 +95,7 @@ GEMV_CONFIGS = [
 ]
 DEFAULT_GEMV_CONFIG = (4, 2, 1)
 # The short list tuned at start-up (the full list takes minutes of Triton compiles).
-QUICK_GEMV_CONFIGS = [(1, 4, 1), (2, 4, 1), (2, 8, 1), (4, 2, 1), (4, 4, 2), (8, 2, 2), (8, 4, 4), (16, 2, 4)]
+QUICK_GEMV_CONFIGS = [(1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 4, 1), (2, 8, 1), (4, 2, 1), (4, 4, 1), (4, 4, 2), (4, 8, 2), (8, 2, 2), (8, 4, 2), (16, 2, 4)]
 
 
 def w4_gemv(
@@ -128,18 +128,18 @@ def w4_gemv(
 
 @triton.jit
 def _w4_dequant_kernel(words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One group of BLOCK_N rows per program; stores are contiguous along k."""
+    """One group of BLOCK_N rows per program."""
+    WORDS: tl.constexpr = GROUP // 8
     row_block = tl.program_id(0)
     g = tl.program_id(1)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    word = tl.arange(0, GROUP // 8)
-    nibble = tl.arange(0, 8)
-    words = tl.load(words_ptr + rows[:, None] * (K // 8) + g * (GROUP // 8) + word[None, :])
-    scale = tl.load(scales_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None, None]
-    offset = tl.load(offsets_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None, None]
-    values = _nibbles_to_float(words) * scale + offset
-    targets = out_ptr + rows[:, None, None] * K + g * GROUP + word[None, :, None] * 8 + nibble[None, None, :]
-    tl.store(targets, values.to(out_ptr.dtype.element_ty))
+    word = tl.arange(0, WORDS)
+    words = tl.load(words_ptr + rows[:, None] * (K // 8) + g * WORDS + word[None, :])
+    scale = tl.load(scales_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None]
+    offset = tl.load(offsets_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None]
+    for i in tl.static_range(8):
+        values = _nibble(words, i) * scale + offset
+        tl.store(out_ptr + rows[:, None] * K + g * GROUP + i * WORDS + word[None, :], values.to(out_ptr.dtype.element_ty))
 
 
 def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
@@ -239,15 +239,20 @@ def rope_and_cache(
 
 
 # ---- decode attention: one query token against the cache up to its length -----------------
+# Flash-decoding: SPLIT_SIZE-key slices of every head run in parallel (one head alone would
+# keep one SM busy), then a second kernel merges the slices' softmax statistics.
+
+SPLIT_SIZE = 128
 
 
 @triton.jit
-def _decode_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, length_ptr, sm_scale,
-    MAX_TOKENS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+def _decode_attention_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, length_ptr, sm_scale,
+    MAX_TOKENS: tl.constexpr, SPLITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """One program per query head; online softmax over key blocks (flash-decoding style)."""
     head = tl.program_id(0)
+    split = tl.program_id(1)
     kv_head = head // GROUP_SIZE
     length = tl.load(length_ptr)
     dims = tl.arange(0, HEAD_DIM)
@@ -256,16 +261,18 @@ def _decode_attention_kernel(
     running_sum = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
     base = kv_head * MAX_TOKENS * HEAD_DIM
-    # The trip count is static (the cache size) so one compiled kernel and one captured graph
-    # serve every length; blocks past `length` are skipped without touching memory.
-    for start in range(0, MAX_TOKENS, BLOCK_T):
+    SPLIT_LEN: tl.constexpr = (MAX_TOKENS + SPLITS - 1) // SPLITS
+    first = split * SPLIT_LEN
+    # Static trip count: one compiled kernel and one captured graph serve every length; blocks
+    # past `length` are skipped without touching memory.
+    for offset in range(0, SPLIT_LEN, BLOCK_T):
+        start = first + offset
         if start < length:
             t = start + tl.arange(0, BLOCK_T)
-            mask = t < length
+            mask = (t < length) & (t < first + SPLIT_LEN)
             offsets = base + t[:, None] * HEAD_DIM + dims[None, :]
             k = tl.load(k_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], 1)
-            scores = tl.where(mask, scores, -float("inf"))
+            scores = tl.where(mask, tl.sum(k * q[None, :], 1), -float("inf"))
             new_max = tl.maximum(running_max, tl.max(scores, 0))
             correction = tl.exp(running_max - new_max)
             p = tl.exp(scores - new_max)
@@ -273,17 +280,45 @@ def _decode_attention_kernel(
             acc = acc * correction + tl.sum(p[:, None] * v, 0)
             running_sum = running_sum * correction + tl.sum(p, 0)
             running_max = new_max
-    tl.store(out_ptr + head * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
+    slot = head * SPLITS + split
+    tl.store(partial_ptr + slot * HEAD_DIM + dims, acc)
+    tl.store(stats_ptr + slot * 2, running_max)
+    tl.store(stats_ptr + slot * 2 + 1, running_sum)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(partial_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    head = tl.program_id(0)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    maxima = tl.load(stats_ptr + (head * SPLITS + splits) * 2)
+    sums = tl.load(stats_ptr + (head * SPLITS + splits) * 2 + 1)
+    overall = tl.max(maxima, 0)  # split 0 always holds the first key, so this is finite
+    weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
+    partial = tl.load(partial_ptr + (head * SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
+    out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights * sums, 0)
+    tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    splits = triton.next_power_of_2(max(1, max_tokens // SPLIT_SIZE) + 1) // 2  # a power of two
+    return (torch.zeros(n_heads, splits, head_dim, dtype=torch.float32, device=device),
+            torch.zeros(n_heads, splits, 2, dtype=torch.float32, device=device))  # fmt: skip
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (Hq, D); caches (Hkv, T, D); length: int32 device tensor (1,) -> out (Hq, D)."""
     n_heads, head_dim = q.shape
-    group_size = n_heads // k_cache.shape[0]
-    _decode_attention_kernel[(n_heads,)](
-        q, k_cache, v_cache, out, length, head_dim**-0.5,
-        MAX_TOKENS=k_cache.shape[1], GROUP_SIZE=group_size, HEAD_DIM=head_dim, BLOCK_T=64, num_warps=4,
+    max_tokens = k_cache.shape[1]
+    partial, stats = workspace or attention_workspace(n_heads, head_dim, max_tokens, q.device)
+    splits = partial.shape[1]
+    _decode_attention_split_kernel[(n_heads, splits)](
+        q, k_cache, v_cache, partial, stats, length, head_dim**-0.5,
+        MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // k_cache.shape[0], HEAD_DIM=head_dim,
+        BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), num_warps=4,
     )  # fmt: skip
+    _decode_attention_merge_kernel[(n_heads,)](partial, stats, out, SPLITS=splits, HEAD_DIM=head_dim)
     return out

@@ -2,10 +2,12 @@
 dequantizer that the CUDA kernels are checked against.
 
 Layout of a weight W (out_features N, in_features K), groups of G consecutive inputs:
-    packed  uint8  (N, K/2)   byte j of row n = W[n, 2j] in the low nibble, W[n, 2j+1] in the high
+    packed  uint8  (N, K/2)   read as int32 words: G/8 words per group; bits 4i..4i+3 of word w
+                              of group g hold q[n, g*G + i*(G/8) + w]
     scales  fp16   (N, K/G)   W[n, k] ~= q[n, k] * scales[n, k // G] + offsets[n, k // G]
     offsets fp16   (N, K/G)   (the group minimum), q in 0..15
-About 4.25 bits per weight at G = 128.
+About 4.25 bits per weight at G = 128. The nibble order lets a kernel take nibble i of a run of
+words and meet a contiguous run of inputs x[g*G + i*G/8 : g*G + (i+1)*G/8].
 """
 from __future__ import annotations
 
@@ -76,15 +78,31 @@ def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> Int4We
     scales = ((high - low) / 15.0).clamp(min=1e-8).half()
     offsets = low.half()
     q = torch.round((groups - offsets.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15)
-    q = q.to(torch.uint8).reshape(out_features, in_features)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return Int4Weight(packed.contiguous(), scales.contiguous(), offsets.contiguous(), group_size)
+    return Int4Weight(_pack(q.to(torch.int64), group_size), scales.contiguous(), offsets.contiguous(), group_size)
+
+
+def _pack(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K/G, G) values 0..15 -> (N, K/2) uint8 in the layout above."""
+    out_features = q.shape[0]
+    words_per_group = group_size // 8
+    nibbles = q.reshape(out_features, -1, 8, words_per_group)  # (n, g, i, w)
+    shifts = (4 * torch.arange(8, device=q.device)).view(1, 1, 8, 1)
+    words = (nibbles << shifts).sum(dim=2)  # (n, g, w), up to 2**32 - 1
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(out_features, -1).contiguous().view(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) values 0..15 (int64)."""
+    out_features = packed.shape[0]
+    words = packed.contiguous().view(torch.int32).to(torch.int64).reshape(out_features, -1, 1, group_size // 8)
+    shifts = (4 * torch.arange(8, device=packed.device)).view(1, 1, 8, 1)
+    return ((words >> shifts) & 0xF).reshape(out_features, -1)
 
 
 def dequantize_int4(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight the packed one stands for (the reference for the kernels)."""
-    packed = weight.packed
-    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1).float()
+    q = _unpack(weight.packed, weight.group_size).float()
     groups = q.reshape(q.shape[0], -1, weight.group_size)
     values = groups * weight.scales.float()[..., None] + weight.offsets.float()[..., None]
     return values.reshape(q.shape).to(dtype)
