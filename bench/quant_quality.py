@@ -68,7 +68,7 @@ def load_smollm2():
     return model, tokenizer
 
 
-def quantize_model_(model, include_lm_head: bool) -> dict:
+def quantize_model_(model, include_lm_head: bool, preferred_group: int = 128) -> dict:
     """Replace weights by their 4-bit round trip, in place; returns group sizes used."""
     groups = {}
     targets = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
@@ -77,7 +77,7 @@ def quantize_model_(model, include_lm_head: bool) -> dict:
         targets.append(model.lm_head)
     for module in targets:
         weight = module.weight.data
-        group = group_size_for(weight.shape[1])
+        group = group_size_for(weight.shape[1], preferred_group)
         groups[group] = groups.get(group, 0) + 1
         module.weight.data = dequantize_int4(quantize_int4(weight, group), torch.float32)
     return groups
@@ -131,10 +131,10 @@ def main() -> None:
         "texts": len(TEXTS), "text_tokens": reference["tokens"], "prompts": len(PROMPTS), "greedy_tokens": 32,
         "reference_perplexity": reference["perplexity"],
     }  # fmt: skip
-    for include_lm_head in (False, True):
+    for include_lm_head, group in ((False, 128), (False, 64), (False, 32), (True, 128)):
         model, tokenizer = load_smollm2()
-        groups = quantize_model_(model, include_lm_head)
-        label = "decoder_and_lm_head" if include_lm_head else "decoder_linears"
+        groups = quantize_model_(model, include_lm_head, group)
+        label = f"{'decoder_and_lm_head' if include_lm_head else 'decoder_linears'}_g{group}"
         report[label] = {"group_sizes": {str(k): v for k, v in groups.items()}, **agreement(evaluate(model, tokenizer), reference)}
         print(label, {k: v for k, v in report[label].items() if k != "greedy_agreement_per_prompt"}, flush=True)
     report["seconds"] = time.perf_counter() - started

@@ -355,6 +355,7 @@ def one_per_class(classes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(projector, lm, tok, features, classes, train_idx, val_idx, class_names, seed: int) -> None:
+    t0 = time.perf_counter()
     val = one_per_class(classes, val_idx)
     exact, loose = answer_accuracy(projector, lm, tok, features[val], classes[val], class_names)
     print(f"held-out classes ({len(val)} classes, 1 frame each): exact {exact:.2f}, ignoring case {loose:.2f}")
@@ -368,6 +369,7 @@ def evaluate(projector, lm, tok, features, classes, train_idx, val_idx, class_na
     frames = val[torch.arange(100) % len(val)]
     exact, loose = answer_accuracy(projector, lm, tok, features[frames], probe, class_names)
     print(f"100 never-seen ImageNet classes (name path): exact {exact:.2f}, ignoring case {loose:.2f}")
+    print(f"evaluation {time.perf_counter() - t0:.1f} s")
 
 
 def split_by_class(classes: torch.Tensor, fraction: float, seed: int):
