@@ -154,6 +154,7 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     decode = [ask(129) for _ in range(max(3, repeats // 3))]
     result["decode_tok_s"] = statistics.median(128 / (a.timings.decode_ms / 1000) for a in decode)
     torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
     answers = [ask(1) for _ in range(repeats + 2)][2:]
     result["answer_1tok_ms"] = statistics.median(a.timings.total_ms for a in answers)
     result["answer_1tok_breakdown_ms"] = {
@@ -164,6 +165,7 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     answers = [ask(3) for _ in range(repeats + 2)][2:]
     result["answer_3tok_ms"] = statistics.median(a.timings.total_ms for a in answers)
     result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    result["resident_gpu_gb"] = resident / 1e9  # weights, KV cache, buffers, graph pools
     result["weight_bytes_per_token"] = lm.weight_bytes_per_token()
     result["load_and_capture_s"] = load_s
     result["gemv_configs"] = {str(k): v for k, v in lm._gemv_configs.items()}

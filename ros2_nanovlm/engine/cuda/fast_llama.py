@@ -57,12 +57,10 @@ class FastLlama:
         self.k_cache = torch.zeros(cache_shape, dtype=half, device=device)
         self.v_cache = torch.zeros(cache_shape, dtype=half, device=device)
         # Prefill dequantizes each 4-bit matrix into this one buffer before its GEMM.
-        # Prefill dequantizes each 4-bit matrix before its GEMM, on a side stream, one matrix
-        # ahead (two buffers); gate and up go separately, so a buffer holds half of gate_up.
+        # gate and up are dequantized one after the other, so the buffer holds half of gate_up
         first = layers[0]
-        largest = max(first.qkv.out_features, self.intermediate) * self.hidden if self.quantized else 0
-        self._scratch = [torch.empty(largest, dtype=half, device=device) for _ in range(2)] if self.quantized else []
-        self._side_stream = torch.cuda.Stream(device) if self.quantized and device.type == "cuda" else None
+        largest = max(first.qkv.out_features * self.hidden, self.intermediate * self.hidden) if self.quantized else 0
+        self._scratch = torch.empty(largest, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._gemv_configs: dict[tuple, tuple[int, int, int]] = {}
 
@@ -162,49 +160,17 @@ class FastLlama:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens)
 
-    def _prefill_weights(self):
-        """The prefill's matrices in the order it uses them, as fp16 tensors. 4-bit ones are
-        dequantized on a side stream one matrix ahead, so dequantization (memory-bound) overlaps
-        the previous GEMM (compute-bound)."""
-        plan = []
-        for layer in self.layers:
-            if isinstance(layer.gate_up, Int4Weight):
-                half = layer.gate_up.out_features // 2
-                gate, up = layer.gate_up.rows(0, half), layer.gate_up.rows(half, 2 * half)
-            else:
-                gate, up = layer.gate_up.chunk(2, dim=0)
-            plan += [layer.qkv, layer.o, gate, up, layer.down]
-        if not self.quantized:
-            yield from plan
-            return
-        side, main = self._side_stream, torch.cuda.current_stream(self.device) if self._side_stream else None
-        ready: list = [None, None]
-        released: list = [None, None]
+    def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
+        if isinstance(weight, Int4Weight):
+            n, k = weight.out_features, weight.in_features
+            weight = kernels.w4_dequantize(weight, self._scratch[: n * k].view(n, k))
+        return F.linear(x, weight)
 
-        def dequantize(index):
-            weight, slot = plan[index], index % 2
-            out = self._scratch[slot][: weight.out_features * weight.in_features].view(weight.out_features, weight.in_features)
-            if side is None:
-                return kernels.w4_dequantize(weight, out)
-            with torch.cuda.stream(side):
-                if released[slot] is not None:
-                    side.wait_event(released[slot])
-                kernels.w4_dequantize(weight, out)
-                ready[slot] = torch.cuda.Event()
-                ready[slot].record(side)
-            return out
-
-        upcoming = dequantize(0)
-        for index in range(len(plan)):
-            current = upcoming
-            if index + 1 < len(plan):
-                upcoming = dequantize(index + 1)
-            if side is not None:
-                main.wait_event(ready[index % 2])
-            yield current
-            if side is not None:  # the consumer has queued its GEMM on `current`
-                released[index % 2] = torch.cuda.Event()
-                released[index % 2].record(main)
+    def _gate_and_up(self, h: torch.Tensor, gate_up) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(gate_up, Int4Weight):
+            half = gate_up.out_features // 2
+            return self._linear(h, gate_up.rows(0, half)), self._linear(h, gate_up.rows(half, 2 * half))
+        return self._linear(h, gate_up).chunk(2, dim=-1)
 
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
         """Run positions start..start+L-1 (embeds (L, H)), fill their KV; the next token (greedy)."""
@@ -221,18 +187,11 @@ class FastLlama:
         q = torch.empty(length, self.n_heads, self.head_dim, dtype=torch.float16, device=self.device)
         end = start + length
         mask = None
-        if start > 0 and self.n_heads == self.n_kv_heads:
-            # Queries sit at the end of the keys: causal, aligned bottom-right; SDPA's fused
-            # kernels take this bias without materialising a mask.
-            from torch.nn.attention.bias import causal_lower_right
-
-            mask = causal_lower_right(length, end)
-        elif start > 0:
+        if start > 0:  # queries sit at the end of the keys: causal, aligned bottom-right
             mask = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-        weights = self._prefill_weights()
         for index, layer in enumerate(self.layers):
             h = kernels.rmsnorm(x, layer.input_norm, self.eps)
-            qkv = F.linear(h, next(weights))
+            qkv = self._linear(h, layer.qkv)
             kernels.rope_and_cache(
                 qkv, positions, self.inv_freq, self.attention_scaling,
                 self.k_cache[index], self.v_cache[index], q, self.n_heads, self.n_kv_heads,
@@ -245,11 +204,10 @@ class FastLlama:
                 is_causal=mask is None,
                 enable_gqa=self.n_heads != self.n_kv_heads,
             )
-            x = x + F.linear(attention[0].transpose(0, 1).reshape(length, -1), next(weights))
+            x = x + self._linear(attention[0].transpose(0, 1).reshape(length, -1), layer.o)
             h = kernels.rmsnorm(x, layer.post_norm, self.eps)
-            gate = F.linear(h, next(weights))
-            up = F.linear(h, next(weights))
-            x = x + F.linear(F.silu(gate) * up, next(weights))
+            gate, up = self._gate_and_up(h, layer.gate_up)
+            x = x + self._linear(F.silu(gate) * up, layer.down)
         last = kernels.rmsnorm(x[-1].contiguous(), self.final_norm, self.eps)
         return F.linear(last, self.lm_head)
 
@@ -288,7 +246,7 @@ class FastLlama:
             h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h)
             act = self._gemv(h, layer.gate_up, out=self._act, gated=True)
             self._gemv(act, layer.down, out=x, residual=x)
-        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._last)
+        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h)
         torch.matmul(self.lm_head, last, out=self._logits)
         self._token.copy_(torch.argmax(self._logits).view(1))
         self._position.add_(1)
@@ -296,19 +254,15 @@ class FastLlama:
 
     def _allocate_decode_buffers(self) -> None:
         device, half = self.device, torch.float16
-        # The 4-bit GEMV reads its input as float32: writing it that way saves a conversion per
-        # weight column inside the GEMV. cuBLAS (fp16 weights) wants fp16.
-        gemv_input = torch.float32 if self.quantized else half
         self._token = torch.zeros(1, dtype=torch.long, device=device)
         self._position = torch.zeros(1, dtype=torch.int32, device=device)
         self._length = torch.ones(1, dtype=torch.int32, device=device)
         self._x = torch.zeros(self.hidden, dtype=half, device=device)
-        self._h = torch.zeros(self.hidden, dtype=gemv_input, device=device)
-        self._last = torch.zeros(self.hidden, dtype=half, device=device)
+        self._h = torch.zeros(self.hidden, dtype=half, device=device)
         self._qkv = torch.zeros((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=half, device=device)
         self._q = torch.zeros(1, self.n_heads, self.head_dim, dtype=half, device=device)
-        self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=gemv_input, device=device)
-        self._act = torch.zeros(self.intermediate, dtype=gemv_input, device=device)
+        self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=half, device=device)
+        self._act = torch.zeros(self.intermediate, dtype=half, device=device)
         self._logits = torch.zeros(self.lm_head.shape[0], dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
         self._host_token = -1  # what self._token holds, as far as the host knows
@@ -320,7 +274,7 @@ class FastLlama:
         if not self.quantized:
             return {}
         layer = self.layers[0]
-        x = torch.randn(max(self.hidden, self.intermediate), dtype=torch.float32, device=self.device)
+        x = torch.randn(max(self.hidden, self.intermediate), dtype=torch.float16, device=self.device)
         for weight, gated in ((layer.qkv, False), (layer.o, False), (layer.gate_up, True), (layer.down, False)):
             timings = {}
             for config in kernels.QUICK_GEMV_CONFIGS:
