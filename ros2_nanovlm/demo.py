@@ -19,7 +19,7 @@ import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
-from .default_model import DEFAULT_MODEL_IS_RANDOM, ensure_default_model
+from .default_model import DEFAULT_MODEL_DESCRIPTION, ensure_default_model
 from .resources import bundled_photos_dir, default_params_file, list_photos, package_file
 
 NAMESPACE = "/nanovlm_demo"
@@ -62,14 +62,14 @@ def main(argv=None) -> int:
     )
     model_path = args.model
     if not model_path:
+        print(f"Building/loading the embedded default model: {DEFAULT_MODEL_DESCRIPTION}.", flush=True)
         model_path = str(ensure_default_model())
-        if DEFAULT_MODEL_IS_RANDOM:
-            print(
-                "NOTE: the embedded default model is a tiny LLaVA with RANDOM weights (no "
-                "pretrained VLM can be fetched here): the pipeline is real, the answers are noise.\n"
-                "      Pass --model /path/to/llava-1.5-7b-hf for real answers.",
-                flush=True,
-            )
+        print(
+            "NOTE: it is tiny (two CPU-sized networks from PyPI packages joined by a projector): it "
+            "names what is in a photo and little else.\n"
+            "      Pass --model /path/to/llava-1.5-7b-hf for a general-purpose VLM.",
+            flush=True,
+        )
     node_process = start_node(args, model_path)
     rclpy.init()
     from nanovlm.msg import VLMResult  # after init: the ROS libraries are in place

@@ -31,7 +31,7 @@ from nanovlm.msg import VLMResult
 from nanovlm.srv import Query
 
 from . import parameters
-from .default_model import DEFAULT_MODEL_IS_RANDOM, ensure_default_model
+from .default_model import DEFAULT_MODEL_DESCRIPTION, ensure_default_model
 from .engine import Answer, EngineConfig, EngineError, VLMEngine
 from .image_conversion import (
     ImageConversionError,
@@ -179,7 +179,7 @@ class VLMNode(Node):
             return
         self._engine = engine
         self._engine_status = ""
-        note = " (RANDOM weights: answers are noise)" if DEFAULT_MODEL_IS_RANDOM and not self._param("model.path") else ""
+        note = f" ({DEFAULT_MODEL_DESCRIPTION})" if not self._param("model.path") else ""
         self.get_logger().info(f"model '{engine.model_name}' loaded on {engine.device}{note}")
 
     def _ask(self, frame_msg, prompt: str, max_new_tokens: int | None) -> Answer:

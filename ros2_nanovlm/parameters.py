@@ -95,7 +95,7 @@ def check(name: str, value: Any, max_prompt_chars: int) -> str:
         path = Path(value).expanduser()
         if not path.is_dir():
             return f"model.path '{value}' is not an existing directory"
-        if not (path / "config.json").is_file():
+        if not ((path / "config.json").is_file() or (path / "nanovlm_vlm.json").is_file()):
             return f"model.path '{value}' has no config.json: not a Hugging Face model directory"
     elif name == "model.device" and not is_valid_device(value):
         return f"model.device '{value}' is not one of {DEVICES_HELP}"

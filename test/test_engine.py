@@ -33,7 +33,9 @@ def test_first_turn_matches_transformers_generate(engine, photos):
     backend = engine._backend
     question = Turn("user", "What breeds of dogs are in the image?", frame)
     rendered = backend.prompter.render("Be brief.", (question,))
-    processor = backend.prompter._processor
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(engine.config.model_path)
     inputs = processor(text=rendered, images=frame, return_tensors="pt")
     with torch.inference_mode():
         reference = backend.model.generate(**inputs, max_new_tokens=12, do_sample=False)

@@ -12,6 +12,7 @@ import torch
 from ..api import Answer, Backend, GenerationRequest, InvalidInput, ModelLoadError, Timings
 from ..config import EngineConfig
 from ..frames import frame_digest
+from .composed import is_composed, load_composed
 from .embedding_cache import EmbeddingCache
 from .kv_cache import PrefixTracker
 from .loading import load_llava, read_model_config, resolve_device, resolve_dtype
@@ -24,6 +25,12 @@ class TransformersBackend(Backend):
     def __init__(self, config: EngineConfig):
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
+        self._name = Path(config.model_path).expanduser().resolve().name
+        self.default_system_prompt = ""
+        self.embeddings = EmbeddingCache(config.embedding_cache_size)
+        if is_composed(config.model_path):
+            self._load_composed(config)
+            return
         model_config = read_model_config(config.model_path)
         max_positions = model_config.get("text_config", {}).get("max_position_embeddings") or config.max_context_tokens
         self.max_context = min(config.max_context_tokens, max_positions)
@@ -35,9 +42,27 @@ class TransformersBackend(Backend):
             self.lm = TransformersLMRunner(model, self.max_context)
             self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
             self._finish_load(model, processor)
-        self.embeddings = EmbeddingCache(config.embedding_cache_size)
         self.kv = PrefixTracker(self.max_context)
-        self._name = Path(config.model_path).expanduser().resolve().name
+
+    def _load_composed(self, config: EngineConfig) -> None:
+        """A vision encoder + projector + causal LM (the embedded demo model is one)."""
+        if config.quantization == "int4":
+            raise ModelLoadError(f"4-bit weights are not available for composed models ('{config.model_path}')")
+        self.quantization = "none"
+        language_model, tokenizer, encoder, system_prompt, image_token = load_composed(
+            config.model_path, self._device, self._dtype
+        )
+        self.model = language_model
+        self.tokenizer = tokenizer
+        self.default_system_prompt = system_prompt
+        self.encode_image = encoder
+        max_positions = getattr(language_model.config, "max_position_embeddings", None) or config.max_context_tokens
+        self.max_context = min(config.max_context_tokens, max_positions)
+        self.lm = TransformersLMRunner(language_model, self.max_context)
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.prompter = ChatPrompter(tokenizer, tokenizer, image_token_id, image_token=image_token)
+        self.eos_ids = _eos_token_ids(language_model, tokenizer)
+        self.kv = PrefixTracker(self.max_context)
 
     def _load_fast(self, config: EngineConfig) -> None:
         from ..config import nanovlm_home
@@ -88,6 +113,7 @@ class TransformersBackend(Backend):
         backend.embeddings = EmbeddingCache(config.embedding_cache_size)
         backend.kv = PrefixTracker(backend.max_context)
         backend._name = name
+        backend.default_system_prompt = ""
         return backend
 
     def _finish_load(self, model, processor) -> None:
@@ -114,7 +140,7 @@ class TransformersBackend(Backend):
 
         images, all_hits = self._image_features(request, timings)
         prompt = self.prompter.tokenize(
-            request.system_prompt,
+            request.system_prompt or self.default_system_prompt,
             request.turns,
             [(digest, len(features)) for digest, features in images],
         )

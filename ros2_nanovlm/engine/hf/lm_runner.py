@@ -3,26 +3,38 @@ kept between calls. The GPU fast path (cuda/fast_llama.py) offers the same four 
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 
 class TransformersLMRunner:
-    """The model's own forward with a StaticCache: any architecture transformers supports,
-    on any device (the CPU path, and GPUs for models FastLlama does not cover)."""
+    """The model's own forward: any architecture transformers supports, on any device (the CPU
+    path, and GPUs for models FastLlama does not cover).
+
+    On the CPU the KV cache grows with the prompt (attention covers only the tokens held); on a
+    GPU it is static (fixed shapes)."""
 
     def __init__(self, model, max_tokens: int):
         self._model = model
         self.max_tokens = max_tokens
-        self._cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         self._device = next(model.parameters()).device
+        self._static = self._device.type != "cpu"
+        if self._static:
+            self._cache = StaticCache(config=model.config, max_cache_len=max_tokens)
+        else:
+            self._cache = DynamicCache(config=model.config)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._model.get_input_embeddings()(ids)
 
     def rewind(self, length: int) -> None:
-        # transformers' StaticLayer writes at its `cumulative_length` (pinned transformers 5.17).
-        for layer in self._cache.layers:
-            layer.cumulative_length.fill_(length)
+        if self._static:
+            # transformers' StaticLayer writes at its `cumulative_length` (pinned transformers 5.17).
+            for layer in self._cache.layers:
+                layer.cumulative_length.fill_(length)
+            return
+        held = self._cache.get_seq_length()
+        if held > length:
+            self._cache.crop(length - held)  # a negative value removes that many tokens
 
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
         return self._forward(start, inputs_embeds=embeds[None])

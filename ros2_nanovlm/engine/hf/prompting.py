@@ -23,25 +23,32 @@ class TokenizedPrompt:
 
 
 class ChatPrompter:
-    """Renders a conversation with the processor's chat template (LLaVA's USER:/ASSISTANT: or
-    whatever the checkpoint ships) and tokenizes it."""
+    """Renders a conversation with the model's own chat template (LLaVA's USER:/ASSISTANT:,
+    SmolLM2's ChatML, ...) and tokenizes it.
 
-    def __init__(self, processor, tokenizer, image_token_id: int):
-        self._processor = processor
+    `template_owner` is the processor (LLaVA: content as a list of typed parts) or, with
+    `image_token` given, the tokenizer of a plain chat LM (content as text, the image token
+    written in front of the question's text)."""
+
+    def __init__(self, template_owner, tokenizer, image_token_id: int, image_token: str | None = None):
+        self._template_owner = template_owner
         self._tokenizer = tokenizer
         self.image_token_id = image_token_id
+        self._image_token = image_token
+
+    def _content(self, text: str, has_image: bool):
+        if self._image_token is not None:
+            return f"{self._image_token}\n{text}" if has_image else text
+        parts = [{"type": "image"}] if has_image else []
+        return parts + [{"type": "text", "text": text}]
 
     def render(self, system_prompt: str, turns: tuple[Turn, ...]) -> str:
         messages = []
         if system_prompt:
-            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+            messages.append({"role": "system", "content": self._content(system_prompt, False)})
         for turn in turns:
-            content = [{"type": "image"}] if turn.image is not None else []
-            content.append({"type": "text", "text": turn.text})
-            messages.append({"role": turn.role, "content": content})
-        return self._processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+            messages.append({"role": turn.role, "content": self._content(turn.text, turn.image is not None)})
+        return self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def tokenize(
         self, system_prompt: str, turns: tuple[Turn, ...], images: list[tuple[str, int]]
