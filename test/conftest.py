@@ -46,3 +46,11 @@ def photos():
 
     directory = REPO / "data" / "images"
     return {path.stem: load_photo(path, 320) for path in sorted(directory.glob("*.jpg"))}
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The embedded demo VLM, assembled from the installed weight packages (about 20 s)."""
+    from ros2_nanovlm.engine.demo_model.build import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "nanovlm-demo")
