@@ -109,6 +109,38 @@ def measure_gemv_bandwidth() -> None:
         print(name, row, flush=True)
 
 
+def measure_gemlite() -> None:
+    """GemLite (a maintained library of Triton low-bit kernels) on the same 4-bit shapes, batch 1:
+    the candidate to replace our GEMV if it streams weights faster."""
+    try:
+        import gemlite
+        from gemlite import DType, GemLiteLinear
+    except Exception as error:  # noqa: BLE001
+        report["gemlite"] = f"not available: {error!r}"
+        return
+    config = Path(gemlite.__file__).parent / "configs" / "h100.json"
+    if config.is_file():
+        gemlite.load_config(str(config))
+    rows = {}
+    for name, (n, k) in {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}.items():
+        try:
+            q = torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.uint8)
+            scales = torch.rand(n, k // 128, device=DEVICE, dtype=torch.float16) * 0.01
+            zeros = torch.full((n, k // 128), 8.0, device=DEVICE, dtype=torch.float16)
+            linear = GemLiteLinear(4, group_size=128, in_features=k, out_features=n,
+                                   input_dtype=DType.FP16, output_dtype=DType.FP16)  # fmt: skip
+            linear.pack(q, scales, zeros, None)
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+            reference = ((q.float() - 8.0) * scales.float().repeat_interleave(128, 1)) @ x[0].float()
+            error = relative_error(linear(x)[0], reference)
+            us = graph_time_us(lambda: linear(x))
+            rows[name] = {"us": us, "GBps": n * k * 0.5 * (1 + 4 / 64) / us / 1e3, "relative_error": error}
+        except Exception as error:  # noqa: BLE001
+            rows[name] = f"failed: {error!r}"[:300]
+        print("gemlite", name, rows[name], flush=True)
+    report["gemlite"] = rows
+
+
 def check_fast_llama() -> None:
     """FastLlama (fp16 and 4-bit) against transformers' Llama on a small random model."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -230,6 +262,7 @@ def main() -> None:
     check_kernels()
     check_fast_llama()
     profile_decode()
+    measure_gemlite()
     if "--sweep" in sys.argv:
         measure_gemv_bandwidth()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
