@@ -170,7 +170,6 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     result["load_and_capture_s"] = load_s
     result["gemv_configs"] = {str(k): v for k, v in lm._gemv_configs.items()}
     engine.close()
-    del engine, backend, lm
     gc.collect()
     torch.cuda.empty_cache()
     return result

@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import cv2
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
+from .ros_entry import spin_node
 from .image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 from .resources import bundled_photos_dir, list_photos
 
@@ -72,17 +71,7 @@ class CameraPlayer(Node):
 
 
 def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = CameraPlayer()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(CameraPlayer, args=args)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     from nanovlm.srv import Query
 
-    from .camera_player import CameraPlayer, load_photo
+    from .camera_player import load_photo
     from .image_conversion import rgb_to_image_msg
 
     executor = SingleThreadedExecutor()

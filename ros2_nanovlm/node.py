@@ -11,9 +11,7 @@ import threading
 from pathlib import Path
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
 try:  # Jazzy and later
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -41,6 +39,7 @@ from .image_conversion import (
     is_empty,
 )
 from .inference_worker import InferenceWorker, WorkerBusy
+from .ros_entry import spin_node
 
 ERROR_THROTTLE_S = 5.0
 
@@ -353,19 +352,7 @@ def result_to_json(result: VLMResult) -> str:
 
 
 def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = VLMNode()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(VLMNode, threads=4, args=args)
 
 
 if __name__ == "__main__":
