@@ -4,14 +4,19 @@
 """
 from __future__ import annotations
 
+import collections
+
 import cv2
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from .ros_entry import spin_node
 from .image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 from .resources import bundled_photos_dir, list_photos
+from .ros_entry import spin_node
+
+
+SENT_STAMPS_KEPT = 1000
 
 
 def load_photo(path, width: int):
@@ -49,7 +54,9 @@ class CameraPlayer(Node):
             else None
         )
         self.sent = 0
-        self.sent_stamps: dict[tuple[int, int], str] = {}  # stamp -> photo name (for the demo)
+        # stamp -> photo name of the last frames sent (the demo names the photo of each answer);
+        # bounded, since the player may run for days
+        self.sent_stamps: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         self._timer = self.create_timer(1.0 / rate, self._publish_next)
         self.get_logger().info(
             f"playing {len(self.photos)} photos from {source} at {rate} Hz as {self._encoding}"
@@ -67,6 +74,8 @@ class CameraPlayer(Node):
         if self._compressed_publisher is not None:
             self._compressed_publisher.publish(rgb_to_compressed_msg(self._frames[index], header=msg.header))
         self.sent_stamps[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = self.photos[index].name
+        if len(self.sent_stamps) > SENT_STAMPS_KEPT:
+            self.sent_stamps.popitem(last=False)
         self.sent += 1
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..hf.vision import image_features
+
 
 class GpuLlavaImageEncoder:
     def __init__(self, model, image_processor, device: torch.device, dtype: torch.dtype):
@@ -41,11 +43,7 @@ class GpuLlavaImageEncoder:
         return (pixels.clamp(0, 255) * self._multiplier + self._offset).to(self._dtype)
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        output = self._model.model.get_image_features(pixel_values=pixel_values, **self._feature_kwargs)
-        features = output.pooler_output if hasattr(output, "pooler_output") else output
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features), dim=0)
-        return features.reshape(-1, features.shape[-1])
+        return image_features(self._model, pixel_values, **self._feature_kwargs)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -23,26 +23,55 @@ from .vision import LlavaImageEncoder
 
 class TransformersBackend(Backend):
     def __init__(self, config: EngineConfig):
-        self._device = resolve_device(config.device)
-        self._dtype = resolve_dtype(config.dtype, self._device)
-        self._name = Path(config.model_path).expanduser().resolve().name
-        self.default_system_prompt = ""
-        self.embeddings = EmbeddingCache(config.embedding_cache_size)
+        self._start(config, Path(config.model_path).expanduser().resolve().name)
         if is_composed(config.model_path):
             self._load_composed(config)
             return
-        model_config = read_model_config(config.model_path)
-        max_positions = model_config.get("text_config", {}).get("max_position_embeddings") or config.max_context_tokens
-        self.max_context = min(config.max_context_tokens, max_positions)
-        self.quantization = _resolve_quantization(config, self._device, model_config)
-        if self.quantization == "int4" or (self._device.type == "cuda" and _fast_path_reason(model_config) == ""):
-            self._load_fast(config)
+        text_config = read_model_config(config.model_path).get("text_config", {})
+        if self._plan(config, text_config):
+            from ..config import nanovlm_home
+            from ..cuda.loading import load_fast_llava
+
+            model, processor, lm = load_fast_llava(
+                config.model_path,
+                self._device,
+                quantize=self.quantization == "int4",
+                max_tokens=self.max_context,
+                cache_home=nanovlm_home(),
+            )
+            self._use_fast_model(model, processor, lm)
         else:
             model, processor = load_llava(config.model_path, self._device, self._dtype)
-            self.lm = TransformersLMRunner(model, self.max_context)
-            self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
-            self._finish_load(model, processor)
-        self.kv = PrefixTracker(self.max_context)
+            self._use_transformers_model(model, processor)
+
+    @classmethod
+    def from_model(cls, model, processor, config: EngineConfig, name: str = "in-memory") -> "TransformersBackend":
+        """A backend around a transformers LLaVA already in memory (benchmarks, notebooks).
+        On CUDA the language model moves into FastLlama and leaves `model`."""
+        backend = cls.__new__(cls)
+        backend._start(config, name)
+        if backend._plan(config, model.config.get_text_config().to_dict()):
+            from ..cuda.loading import fast_llava_from_model
+
+            lm = fast_llava_from_model(model, backend._device, quantize=backend.quantization == "int4", max_tokens=backend.max_context)
+            backend._use_fast_model(model, processor, lm)
+        else:
+            backend._use_transformers_model(model.to(backend._device, backend._dtype), processor)
+        return backend
+
+    def _start(self, config: EngineConfig, name: str) -> None:
+        self._device = resolve_device(config.device)
+        self._dtype = resolve_dtype(config.dtype, self._device)
+        self._name = name
+        self.default_system_prompt = ""
+        self.embeddings = EmbeddingCache(config.embedding_cache_size)
+
+    def _plan(self, config: EngineConfig, text_config: dict) -> bool:
+        """Context size and quantization for a LLaVA text config; True when FastLlama runs it."""
+        max_positions = text_config.get("max_position_embeddings") or config.max_context_tokens
+        self.max_context = min(config.max_context_tokens, max_positions)
+        self.quantization = _resolve_quantization(config, self._device, text_config)
+        return self._device.type == "cuda" and _fast_path_reason(text_config) == ""
 
     def _load_composed(self, config: EngineConfig) -> None:
         """A vision encoder + projector + causal LM (the embedded demo model is one)."""
@@ -64,18 +93,10 @@ class TransformersBackend(Backend):
         self.eos_ids = _eos_token_ids(language_model, tokenizer)
         self.kv = PrefixTracker(self.max_context)
 
-    def _load_fast(self, config: EngineConfig) -> None:
-        from ..config import nanovlm_home
-        from ..cuda.loading import load_fast_llava
-
-        model, processor, lm = load_fast_llava(
-            config.model_path,
-            self._device,
-            quantize=self.quantization == "int4",
-            max_tokens=self.max_context,
-            cache_home=nanovlm_home(),
-        )
-        self._use_fast_model(model, processor, lm)
+    def _use_transformers_model(self, model, processor) -> None:
+        self.lm = TransformersLMRunner(model, self.max_context)
+        self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
+        self._finish_load(model, processor)
 
     def _use_fast_model(self, model, processor, lm) -> None:
         from ..cuda.vision import GpuLlavaImageEncoder
@@ -90,32 +111,6 @@ class TransformersBackend(Backend):
             self.encode_image = LlavaImageEncoder(model, processor.image_processor, self._device, self._dtype)
         self._finish_load(model, processor)
 
-    @classmethod
-    def from_model(cls, model, processor, config: EngineConfig, name: str = "in-memory") -> "TransformersBackend":
-        """A backend around a transformers LLaVA already in memory (benchmarks, notebooks).
-        On CUDA the language model moves into FastLlama and leaves `model`."""
-        from ..cuda.loading import fast_llava_from_model
-
-        backend = cls.__new__(cls)
-        backend._device = resolve_device(config.device)
-        backend._dtype = resolve_dtype(config.dtype, backend._device)
-        text_config = model.config.get_text_config().to_dict()
-        backend.max_context = min(config.max_context_tokens, text_config.get("max_position_embeddings") or config.max_context_tokens)
-        backend.quantization = _resolve_quantization(config, backend._device, {"text_config": text_config})
-        if backend._device.type == "cuda" and _fast_path_reason({"text_config": text_config}) == "":
-            lm = fast_llava_from_model(model, backend._device, quantize=backend.quantization == "int4", max_tokens=backend.max_context)
-            backend._use_fast_model(model, processor, lm)
-        else:
-            model.to(backend._device, backend._dtype)
-            backend.lm = TransformersLMRunner(model, backend.max_context)
-            backend.encode_image = LlavaImageEncoder(model, processor.image_processor, backend._device, backend._dtype)
-            backend._finish_load(model, processor)
-        backend.embeddings = EmbeddingCache(config.embedding_cache_size)
-        backend.kv = PrefixTracker(backend.max_context)
-        backend._name = name
-        backend.default_system_prompt = ""
-        return backend
-
     def _finish_load(self, model, processor) -> None:
         self.model = model
         self.tokenizer = processor.tokenizer
@@ -124,6 +119,7 @@ class TransformersBackend(Backend):
             image_token_id = model.config.image_token_index
         self.prompter = ChatPrompter(processor, self.tokenizer, image_token_id)
         self.eos_ids = _eos_token_ids(model, self.tokenizer)
+        self.kv = PrefixTracker(self.max_context)
 
     @property
     def model_name(self) -> str:
@@ -232,17 +228,17 @@ class TransformersBackend(Backend):
             torch.cuda.empty_cache()
 
 
-def _fast_path_reason(model_config: dict) -> str:
+def _fast_path_reason(text_config: dict) -> str:
     """"" when the GPU fast path can run this checkpoint's language model, else why not."""
     from ..cuda.support import unsupported_reason
 
-    return unsupported_reason(model_config.get("text_config", {}))
+    return unsupported_reason(text_config)
 
 
-def _resolve_quantization(config: EngineConfig, device: torch.device, model_config: dict) -> str:
+def _resolve_quantization(config: EngineConfig, device: torch.device, text_config: dict) -> str:
     if config.quantization == "none":
         return "none"
-    fast_reason = _fast_path_reason(model_config) if device.type == "cuda" else "it needs a CUDA device"
+    fast_reason = _fast_path_reason(text_config) if device.type == "cuda" else "it needs a CUDA device"
     if config.quantization == "int4" and fast_reason:
         raise ModelLoadError(f"4-bit weights are not available for '{config.model_path}': {fast_reason}")
     return "int4" if not fast_reason else "none"

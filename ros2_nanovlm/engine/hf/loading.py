@@ -22,8 +22,6 @@ def read_model_config(model_path: str) -> dict:
     if not path.is_dir():
         raise ModelLoadError(f"model path '{model_path}' is not a directory")
     config_file = path / "config.json"
-    if not config_file.is_file() and (path / "nanovlm_vlm.json").is_file():
-        return {"model_type": "nanovlm_composed"}
     if not config_file.is_file():
         raise ModelLoadError(
             f"model path '{model_path}' has no config.json: not a Hugging Face model directory"

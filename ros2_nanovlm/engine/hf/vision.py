@@ -29,9 +29,14 @@ class LlavaImageEncoder:
         kwargs = dict(self._feature_kwargs)
         if self._uses_image_sizes:
             kwargs["image_sizes"] = inputs["image_sizes"].to(self._device)
-        pixel_values = inputs["pixel_values"].to(self._device, self._dtype)
-        output = self._model.model.get_image_features(pixel_values=pixel_values, **kwargs)
-        features = output.pooler_output if hasattr(output, "pooler_output") else output
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features), dim=0)
-        return features.reshape(-1, features.shape[-1])
+        return image_features(self._model, inputs["pixel_values"].to(self._device, self._dtype), **kwargs)
+
+
+def image_features(model, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(image tokens, LLM hidden size) from transformers' get_image_features, whatever form it
+    returns them in (one tensor, or a list per image/tile)."""
+    output = model.model.get_image_features(pixel_values=pixel_values, **kwargs)
+    features = output.pooler_output if hasattr(output, "pooler_output") else output
+    if isinstance(features, (list, tuple)):
+        features = torch.cat(list(features), dim=0)
+    return features.reshape(-1, features.shape[-1])
