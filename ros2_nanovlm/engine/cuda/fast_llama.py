@@ -2,10 +2,12 @@
 
 Weights come from a transformers model (the model definition stays transformers'); this class
 only re-arranges them for speed:
-- the linear layers are 4-bit (W4A16, group 128) or fp16; q/k/v and gate/up are fused,
+- the linear layers are 4-bit (W4A16, group 128) or fp16; q/k/v and gate/up are fused; with
+  4-bit layers the token embeddings and the LM head are row-wise int8 (quant/int8.py),
 - the KV cache is static, sized once,
 - prefill runs through cuBLAS (4-bit weights are dequantized layer by layer into one scratch
-  buffer) and SDPA,
+  buffer) and SDPA; a prefill that repeats (a new frame, the same question) replays a CUDA
+  graph (prefill_graphs.py),
 - the decode step is captured once as a CUDA graph: about eight kernels a layer, the position
   and the previous token live on the GPU, so a step costs one graph launch and one read of the
   new token.
@@ -19,8 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.int4 import Int4Weight, quantize_int4
+from ..quant.int8 import Int8Rows, quantize_int8_rows
 from . import kernels
+from .prefill_graphs import PrefillGraphs
 from .support import unsupported_reason as supports
+
 
 @dataclass
 class LayerWeights:
@@ -56,12 +61,13 @@ class FastLlama:
         cache_shape = (len(layers), self.n_kv_heads, max_tokens, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=half, device=device)
         self.v_cache = torch.zeros(cache_shape, dtype=half, device=device)
-        # Prefill dequantizes each 4-bit matrix into this one buffer before its GEMM.
-        # gate and up are dequantized one after the other, so the buffer holds half of gate_up
-        first = layers[0]
-        largest = max(first.qkv.out_features * self.hidden, self.intermediate * self.hidden) if self.quantized else 0
-        self._scratch = torch.empty(largest, dtype=half, device=device) if self.quantized else None
+        # Prefill dequantizes each 4-bit matrix into this one buffer before its GEMM, in row
+        # chunks when it is larger: hidden x max(hidden, intermediate/2) holds o whole and
+        # qkv, gate, up and down in two or three chunks (45 MB for a 7B model, not 100).
+        scratch = self.hidden * max(self.hidden, self.intermediate // 2)
+        self._scratch = torch.empty(scratch, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._prefill_graphs: PrefillGraphs | None = None  # made by capture(): CUDA only
         self._gemv_configs: dict[tuple, tuple[int, int, int]] = {}
 
     @classmethod
@@ -81,6 +87,9 @@ class FastLlama:
             weight = torch.cat([tensor(m.weight) for m in modules], dim=0)
             return quantize_int4(weight) if quantize else weight
 
+        def vocabulary(parameter):
+            return quantize_int8_rows(tensor(parameter)) if quantize else tensor(parameter)
+
         layers = []
         for layer in _progress(text_model.layers, progress):
             attention, mlp = layer.self_attn, layer.mlp
@@ -96,16 +105,22 @@ class FastLlama:
             )
         return cls(
             text_model.config,
-            embed_tokens=tensor(text_model.embed_tokens.weight),
+            embed_tokens=vocabulary(text_model.embed_tokens.weight),
             final_norm=tensor(text_model.norm.weight),
-            lm_head=tensor(lm_head.weight),
+            lm_head=vocabulary(lm_head.weight),
             layers=layers,
             max_tokens=max_tokens,
             device=device,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"embed_tokens": self.embed_tokens, "final_norm": self.final_norm, "lm_head": self.lm_head}
+        state = {"final_norm": self.final_norm}
+        for name in ("embed_tokens", "lm_head"):
+            weight = getattr(self, name)
+            if isinstance(weight, Int8Rows):
+                state.update(weight.state(name))
+            else:
+                state[name] = weight
         for index, layer in enumerate(self.layers):
             prefix = f"layers.{index}"
             state[f"{prefix}.input_norm"] = layer.input_norm
@@ -125,6 +140,9 @@ class FastLlama:
         def weight(prefix):
             return Int4Weight.from_state(state, prefix) if f"{prefix}.packed" in state else state[prefix]
 
+        def vocabulary(name):
+            return Int8Rows.from_state(state, name) if f"{name}.values" in state else state[name]
+
         layers = [
             LayerWeights(
                 input_norm=state[f"layers.{i}.input_norm"],
@@ -138,9 +156,9 @@ class FastLlama:
         ]
         return cls(
             config,
-            embed_tokens=state["embed_tokens"],
+            embed_tokens=vocabulary("embed_tokens"),
             final_norm=state["final_norm"],
-            lm_head=state["lm_head"],
+            lm_head=vocabulary("lm_head"),
             layers=layers,
             max_tokens=max_tokens,
             device=device,
@@ -148,7 +166,8 @@ class FastLlama:
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a decode step reads: every linear layer, the norms and the LM head."""
-        total = (self.lm_head.numel() + self.final_norm.numel()) * 2
+        head = self.lm_head
+        total = (head.nbytes() if isinstance(head, Int8Rows) else head.numel() * 2) + self.final_norm.numel() * 2
         for layer in self.layers:
             for weight in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 total += weight.nbytes() if isinstance(weight, Int4Weight) else weight.numel() * 2
@@ -158,13 +177,33 @@ class FastLlama:
     # ---- prefill --------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_tokens)
+        table = self.embed_tokens
+        return table.rows(ids) if isinstance(table, Int8Rows) else F.embedding(ids, table)
+
+    def _logits_of(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head: h (H,) -> (vocab,)."""
+        if isinstance(self.lm_head, Int8Rows):
+            return kernels.i8_gemv(h, self.lm_head, out)
+        if out is None:
+            return torch.mv(self.lm_head, h)
+        return torch.matmul(self.lm_head, h, out=out)
 
     def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
-        if isinstance(weight, Int4Weight):
-            n, k = weight.out_features, weight.in_features
-            weight = kernels.w4_dequantize(weight, self._scratch[: n * k].view(n, k))
-        return F.linear(x, weight)
+        if not isinstance(weight, Int4Weight):
+            return F.linear(x, weight)
+        n, k = weight.out_features, weight.in_features
+        chunks = -(-n * k // self._scratch.numel())
+        while -(-n // chunks) * k > self._scratch.numel():
+            chunks += 1
+        rows = -(-n // chunks)
+        if chunks == 1:
+            return F.linear(x, kernels.w4_dequantize(weight, self._scratch[: n * k].view(n, k)))
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        for first in range(0, n, rows):
+            last = min(first + rows, n)
+            part = kernels.w4_dequantize(weight.rows(first, last), self._scratch[: (last - first) * k].view(-1, k))
+            torch.mm(x, part.t(), out=out[:, first:last])  # cuBLAS writes the column block in place
+        return out
 
     def _gate_and_up(self, h: torch.Tensor, gate_up) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(gate_up, Int4Weight):
@@ -182,8 +221,16 @@ class FastLlama:
         length = embeds.shape[0]
         if start + length > self.max_tokens:
             raise ValueError(f"{start + length} tokens exceed the KV cache of {self.max_tokens}")
-        positions = torch.arange(start, start + length, device=self.device, dtype=torch.int32)
         x = embeds.to(torch.float16)
+        if self._prefill_graphs is not None:
+            return self._prefill_graphs(x, start)
+        return self._prefill_body(x, start, torch.full((1,), length - 1, dtype=torch.long, device=self.device))
+
+    def _prefill_body(self, x: torch.Tensor, start: int, last_index: torch.Tensor) -> torch.Tensor:
+        """Positions start..start+L-1 from embeddings x (L, H) fp16; the logits of row
+        `last_index` (a GPU tensor, so a CUDA graph can be padded past the real prompt)."""
+        length = x.shape[0]
+        positions = torch.arange(start, start + length, device=self.device, dtype=torch.int32)
         q = torch.empty(length, self.n_heads, self.head_dim, dtype=torch.float16, device=self.device)
         end = start + length
         mask = None
@@ -208,8 +255,8 @@ class FastLlama:
             h = kernels.rmsnorm(x, layer.post_norm, self.eps)
             gate, up = self._gate_and_up(h, layer.gate_up)
             x = x + self._linear(F.silu(gate) * up, layer.down)
-        last = kernels.rmsnorm(x[-1].contiguous(), self.final_norm, self.eps)
-        return F.linear(last, self.lm_head)
+        last = kernels.rmsnorm(x.index_select(0, last_index), self.final_norm, self.eps)
+        return self._logits_of(last[0])
 
     # ---- decode ---------------------------------------------------------------------------
 
@@ -231,7 +278,7 @@ class FastLlama:
     def _decode_step_body(self) -> None:
         """The graph body: reads self._token and self._position, writes self._token (greedy)."""
         x = self._x
-        x.copy_(F.embedding(self._token, self.embed_tokens)[0])
+        x.copy_(self.embed(self._token)[0])
         for index, layer in enumerate(self.layers):
             h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h)
             qkv = self._gemv(h, layer.qkv, out=self._qkv)
@@ -247,7 +294,7 @@ class FastLlama:
             act = self._gemv(h, layer.gate_up, out=self._act, gated=True)
             self._gemv(act, layer.down, out=x, residual=x)
         last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h)
-        torch.matmul(self.lm_head, last, out=self._logits)
+        self._logits_of(last, out=self._logits)
         self._token.copy_(torch.argmax(self._logits).view(1))
         self._position.add_(1)
         self._length.add_(1)
@@ -263,7 +310,8 @@ class FastLlama:
         self._q = torch.zeros(1, self.n_heads, self.head_dim, dtype=half, device=device)
         self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=half, device=device)
         self._act = torch.zeros(self.intermediate, dtype=half, device=device)
-        self._logits = torch.zeros(self.lm_head.shape[0], dtype=half, device=device)
+        vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]
+        self._logits = torch.zeros(vocab, dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
         self._host_token = -1  # what self._token holds, as far as the host knows
         self._host_position = -1
@@ -302,6 +350,7 @@ class FastLlama:
         with torch.cuda.graph(self._graph), torch.inference_mode():
             self._decode_step_body()
         torch.cuda.synchronize()
+        self._prefill_graphs = PrefillGraphs(self._prefill_body, self.hidden, self.max_tokens, self.device)
         return time.perf_counter() - started
 
     def decode_step(self, token: int, position: int) -> int:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..quant.int4 import Int4Weight
+from ..quant.int8 import Int8Rows
 
 # ---- 4-bit matrix-vector product ------------------------------------------------------------
 
@@ -120,6 +121,35 @@ def w4_gemv(
         GATED=gated, ADD_RESIDUAL=residual is not None,
         num_warps=warps,
     )  # fmt: skip
+    return out
+
+
+# ---- int8 GEMV (the LM head of a 4-bit model) ------------------------------------------------
+
+
+@triton.jit
+def _i8_gemv_kernel(x_ptr, values_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(values_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, (acc * scale).to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def i8_gemv(x: torch.Tensor, weight: Int8Rows, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (K,) fp16 -> (N,) = W x for a row-wise int8 W."""
+    n, k = weight.out_features, weight.in_features
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    block_n, block_k = 16, min(512, triton.next_power_of_2(k))
+    _i8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight.values, weight.scales, out, n,
+                                                K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)  # fmt: skip
     return out
 
 
