@@ -242,7 +242,6 @@ def profile_decode() -> None:
     profile["lm_head_int8_us"] = graph_time_us(lambda: lm._logits_of(x, out=lm._logits))
     fp16_head = torch.randn(32064, 4096, device=DEVICE, dtype=half)
     profile["lm_head_fp16_us"] = graph_time_us(lambda: torch.matmul(fp16_head, x, out=lm._logits))
-    del fp16_head
     gemv_us = 0.0
     for weight, gated in ((layers[0].qkv, False), (layers[0].o, False), (layers[0].gate_up, True), (layers[0].down, False)):
         config = lm._gemv_configs[(weight.out_features, weight.in_features, gated)]

@@ -1,7 +1,7 @@
 """Where a one-token answer's time goes in the engine (7B, 4-bit, random weights): the phases
 of TransformersBackend.generate timed one by one, each bracketed by torch.cuda.synchronize.
 
-    python bench/profile_answer.py
+    python bench/profile_answer.py [arch, default llava-1.5-7b]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from ros2_nanovlm.engine.hf.backend import TransformersBackend  # noqa: E402
 
 
 def main():
-    model, processor = archs.build("llava-1.5-7b")
+    arch = sys.argv[1] if len(sys.argv) > 1 else "llava-1.5-7b"
+    model, processor = archs.build(arch)
     config = EngineConfig(model_path="(random)", device="cuda", quantization="int4", max_context_tokens=1024)
     backend = TransformersBackend.from_model(model, processor, config)
     del model
@@ -50,7 +51,7 @@ def main():
         with torch.inference_mode():
             clock("prefill", lambda: backend.lm.prefill(embeds, 6))
         clock("engine_total", lambda: engine.ask(QUESTION, next(pool), system_prompt=SYSTEM, max_new_tokens=1))
-    summary = {name: round(statistics.median(values[4:]), 2) for name, values in phases.items()}
+    summary = {"arch": arch, **{name: round(statistics.median(values[4:]), 2) for name, values in phases.items()}}
     last = engine.ask(QUESTION, next(pool), system_prompt=SYSTEM, max_new_tokens=1)
     summary["engine_timings_of_one_answer"] = vars(last.timings)
     print(json.dumps(summary, indent=1))
