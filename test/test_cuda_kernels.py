@@ -184,3 +184,22 @@ def test_dropping_unused_vision_layers_keeps_the_image_features(tiny_llava):
         _drop_unused_vision_layers(model)
         assert len(model.model.vision_tower.encoder.layers) == layers - 1
         assert torch.equal(features(), before)
+
+
+def test_fast_llava_from_model_round_trips_the_weights(tiny_llava):
+    """The loader re-places the converted weights through state_dict/from_state (the path the
+    on-disk 4-bit cache takes too): same 4-bit and int8 tensors, same logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from ros2_nanovlm.engine.cuda.loading import fast_llava_from_model
+    from ros2_nanovlm.engine.quant.int8 import Int8Rows
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).eval()
+    direct = FastLlama.from_hf(model.model.language_model, model.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu"))
+    loaded = fast_llava_from_model(model, torch.device("cpu"), quantize=True, max_tokens=64)
+    assert isinstance(loaded.lm_head, Int8Rows) and isinstance(loaded.embed_tokens, Int8Rows)
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.randint(0, direct.embed_tokens.out_features, (9,))
+    with torch.inference_mode():
+        assert torch.equal(loaded.prefill_logits(loaded.embed(ids), 0), direct.prefill_logits(direct.embed(ids), 0))

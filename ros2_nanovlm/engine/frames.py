@@ -29,6 +29,8 @@ def check_frame(frame: object, max_pixels: int) -> np.ndarray:
 def frame_digest(frame: np.ndarray) -> str:
     """Content hash of a frame (pixels and shape): the key of the image-embedding cache."""
     pixels = np.ascontiguousarray(frame)
-    digest = hashlib.blake2b(pixels.data, digest_size=16)
+    # SHA-256 runs on the CPU's SHA extensions where it has them (x86 SHA-NI, ARMv8 crypto):
+    # about 2 GB/s, against 1 GB/s for BLAKE2b; a 640x480 frame is hashed for every answer.
+    digest = hashlib.sha256(pixels.data)
     digest.update(repr(pixels.shape).encode())
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]

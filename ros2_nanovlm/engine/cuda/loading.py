@@ -7,6 +7,7 @@ the bytes and skips quantization.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -62,13 +63,23 @@ def fast_llava_from_model(model, device: torch.device, *, quantize: bool, max_to
     from tqdm.auto import tqdm
 
     progress = (lambda layers: tqdm(layers, desc="quantizing to 4 bits", unit="layer")) if quantize else None
+    text_config = model.model.language_model.config
     lm = FastLlama.from_hf(
         model.model.language_model, model.lm_head, max_tokens=max_tokens, quantize=quantize, device=device, progress=progress
     )
     _drop_language_model(model)
     _drop_unused_vision_layers(model)
+    # Converting on the GPU leaves torch's allocator with segments that hold a few live
+    # tensors among the holes of the fp16 weights and the quantizer's temporaries: measured
+    # 1.9 GB reserved beyond what a 7B 4-bit model uses. Give all of it back and place the
+    # weights afresh, as loading the on-disk 4-bit cache does.
+    state = {name: tensor.cpu() for name, tensor in lm.state_dict().items()}
+    model.to("cpu")
+    del lm
+    gc.collect()
+    torch.cuda.empty_cache()
     model.to(device, torch.float16)
-    return lm
+    return FastLlama.from_state(text_config, state, max_tokens=max_tokens, device=device)
 
 
 def _drop_language_model(model) -> None:
