@@ -338,7 +338,7 @@ class FastLlama:
         started = time.perf_counter()
         self._allocate_decode_buffers()
         self.tune_gemv()
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # warm-ups run here (the prefill graphs' too)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # compile every Triton kernel outside the capture
@@ -350,7 +350,7 @@ class FastLlama:
         with torch.cuda.graph(self._graph), torch.inference_mode():
             self._decode_step_body()
         torch.cuda.synchronize()
-        self._prefill_graphs = PrefillGraphs(self._prefill_body, self.hidden, self.max_tokens, self.device)
+        self._prefill_graphs = PrefillGraphs(self._prefill_body, self.hidden, self.max_tokens, self.device, stream)
         return time.perf_counter() - started
 
     def decode_step(self, token: int, position: int) -> int:

@@ -39,8 +39,10 @@ class _Captured:
 
 class PrefillGraphs:
     def __init__(self, body: PrefillBody, hidden: int, max_tokens: int, device: torch.device,
-                 *, pad: int = 64, capacity: int = 4, capture_after: int = 2):  # fmt: skip
+                 warmup_stream: torch.cuda.Stream, *, pad: int = 64, capacity: int = 4, capture_after: int = 2):  # fmt: skip
         self._body = body
+        # One side stream for every warm-up: cuBLAS keeps a workspace per stream it has seen.
+        self._warmup_stream = warmup_stream
         self._hidden = hidden
         self._max_tokens = max_tokens
         self._device = device
@@ -92,7 +94,7 @@ class PrefillGraphs:
         captured = _Captured(None, static, self._last_index(embeds.shape[0]), None)  # type: ignore[arg-type]
         self._load(captured, embeds)
         try:
-            stream = torch.cuda.Stream()
+            stream = self._warmup_stream
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._body(static, start, captured.last_index)  # compile kernels for these shapes
