@@ -15,10 +15,13 @@ CLIP_L_336 = dict(
     image_size=336, patch_size=14, projection_dim=768,
 )  # fmt: skip
 
-# name -> Llama text config (LLaVA-1.5-7B; a 2.7B Llama like VILA-2.7B / Sheared-LLaMA-2.7B)
+# name -> Llama text config (LLaVA-1.5-7B and -13B; a 2.7B Llama like VILA-2.7B / Sheared-LLaMA-2.7B).
+# engine_bench.py runs 7b and 2.7b by default; --archs llava-1.5-13b adds the 13B (26 GB in fp16).
 TEXT_CONFIGS = {
     "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32064),
+    "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                          num_key_value_heads=40, vocab_size=32064),
     "llava-2.7b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=20,
                        num_key_value_heads=20, vocab_size=32000),
 }  # fmt: skip
