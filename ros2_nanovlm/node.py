@@ -21,6 +21,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.subscription import Subscription
 from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -40,8 +41,11 @@ from .image_conversion import (
 )
 from .inference_worker import InferenceWorker, WorkerBusy
 from .ros_entry import spin_node
+from .sequence_gaps import SequenceGaps
 
 ERROR_THROTTLE_S = 5.0
+# Jazzy and later hand a subscription callback the message's MessageInfo (sequence numbers).
+CALLBACKS_TAKE_MESSAGE_INFO = hasattr(getattr(Subscription, "CallbackType", None), "WithMessageInfo")
 
 
 class ModelUnavailable(RuntimeError):
@@ -61,7 +65,8 @@ class VLMNode(Node):
         self._counts_lock = threading.Lock()
         self.frames_received = 0
         self.frames_rejected = 0  # invalid messages, failed conversions, errors while answering
-        self.frames_lost = 0  # lost by the middleware before reaching the node (DDS reports them)
+        self._frames_lost_events = 0  # what DDS reports as lost (message-lost events)
+        self._sequence_gaps = SequenceGaps()  # what the publishers' sequence numbers show missing
         self.frames_answered = 0
 
         self._answer_pub = self.create_publisher(String, "answer", 10)
@@ -78,7 +83,7 @@ class VLMNode(Node):
         self.create_subscription(
             Image,
             "image",
-            self._image_callback,
+            self._with_message_info(self._image_callback, "image"),
             qos_profile_sensor_data,
             callback_group=camera_group,
             event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
@@ -88,7 +93,7 @@ class VLMNode(Node):
             self.create_subscription(
                 CompressedImage,
                 "image/compressed",
-                self._compressed_callback,
+                self._with_message_info(self._compressed_callback, "image/compressed"),
                 qos_profile_sensor_data,
                 callback_group=camera_group,
                 event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
@@ -201,6 +206,21 @@ class VLMNode(Node):
 
     # ---- camera stream ----------------------------------------------------------------------
 
+    def _with_message_info(self, callback, topic: str):
+        """A subscription callback that counts, before `callback(msg)`, the frames the
+        publisher sent that never arrived (where rclpy passes the MessageInfo)."""
+        if not CALLBACKS_TAKE_MESSAGE_INFO:  # Humble: the message-lost events only
+            return callback
+
+        def receive(msg, info) -> None:
+            sequence_number = info.get("publication_sequence_number")
+            if sequence_number is not None:
+                with self._counts_lock:
+                    self._sequence_gaps.observe((topic, str(info.get("publisher_gid"))), sequence_number)
+            callback(msg)
+
+        return receive
+
     def _image_callback(self, msg: Image) -> None:
         self._count("frames_received")
         try:
@@ -213,7 +233,13 @@ class VLMNode(Node):
 
     def _frames_lost_callback(self, info) -> None:
         with self._counts_lock:
-            self.frames_lost += info.total_count_change
+            self._frames_lost_events += info.total_count_change
+
+    @property
+    def frames_lost(self) -> int:
+        """Frames published that never reached the node: the sequence-number gaps, which also
+        cover what DDS reports, where the rmw gives sequence numbers; else DDS's reports."""
+        return max(self._sequence_gaps.missing, self._frames_lost_events)
 
     def _compressed_callback(self, msg: CompressedImage) -> None:
         self._count("frames_received")
@@ -315,7 +341,7 @@ class VLMNode(Node):
             self.get_logger().info(
                 f"frames: {self.frames_received} received, {self.frames_answered} answered, "
                 f"{self._worker.frames_replaced} dropped for newer ones, {self.frames_rejected} rejected, "
-                f"{self.frames_lost} lost by the middleware"
+                f"{self.frames_lost} lost before reaching the node"
             )
 
     def destroy_node(self) -> None:

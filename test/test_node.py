@@ -10,6 +10,7 @@ from builtin_interfaces.msg import Time
 from std_msgs.msg import Header
 
 from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_nanovlm.node import CALLBACKS_TAKE_MESSAGE_INFO
 from ros_harness import Client, NodeProcess
 
 _stamp_counter = [0]
@@ -243,10 +244,10 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
     # would answer neighbours (gaps of 1). The median, not the minimum: on a loaded CI machine
     # the sender itself can stall, and one short gap then says nothing about the node.
     assert np.median(gaps) >= 8, f"answered frame indices {indices}"
-    # Every frame is answered or counted as dropped (lost by DDS, replaced, rejected), except
-    # those the camera-side writer itself discarded. DDS sees a lost frame as a gap in sequence
-    # numbers, so only once a later frame arrives, and reports it as an event the node handles
-    # between answers: two marker frames, one after the other, bring the count up to date.
+    # Every frame is answered or counted as dropped: lost on the way (a gap in the publisher's
+    # sequence numbers, or DDS's report), replaced by a newer one, or rejected. A gap shows only
+    # once a later frame arrives: two marker frames, one after the other, bring the count up to
+    # date.
     markers = 0
     for _ in range(2):
         marker = frame_msg(frame)
@@ -261,7 +262,11 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
     # Markers re-sent after a loss may count as dropped too; they are not part of the stream.
     dropped = final.frames_dropped - dropped_before - (markers - 2)
     assert dropped <= len(sent) - len(answered)
-    assert dropped + len(answered) >= 0.8 * len(sent), f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
+    if CALLBACKS_TAKE_MESSAGE_INFO:  # sequence numbers: every frame is accounted for (give or
+        # take a marker re-sent after a stall of 3 s, which the node may answer twice)
+        assert dropped + len(answered) >= len(sent) - 1, f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
+    else:  # Humble: only what DDS reports as lost
+        assert dropped + len(answered) >= 0.8 * len(sent), f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
 
 
 @pytest.fixture(scope="module")
