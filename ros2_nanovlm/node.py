@@ -80,23 +80,18 @@ class VLMNode(Node):
         )
 
         camera_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(
-            Image,
-            "image",
-            self._with_message_info(self._image_callback, "image"),
-            qos_profile_sensor_data,
-            callback_group=camera_group,
-            event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
-            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-        )
+        cameras = [(Image, "image", self._image_callback)]
         if self._param("subscribe_compressed"):
+            cameras.append((CompressedImage, "image/compressed", self._compressed_callback))
+        for message_type, topic, callback in cameras:
             self.create_subscription(
-                CompressedImage,
-                "image/compressed",
-                self._with_message_info(self._compressed_callback, "image/compressed"),
+                message_type,
+                topic,
+                self._with_message_info(callback, topic),
                 qos_profile_sensor_data,
                 callback_group=camera_group,
                 event_callbacks=SubscriptionEventCallbacks(message_lost=self._frames_lost_callback),
+                qos_overriding_options=QoSOverridingOptions.with_default_policies(),
             )
         # Reentrant: several callers may wait for their answers at once.
         self.create_service(

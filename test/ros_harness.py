@@ -2,6 +2,7 @@
 starts it (same params file); the test talks to it over real ROS 2 from a private rclpy context."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -124,3 +125,18 @@ class Client:
         self.executor.shutdown()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
+
+
+@contextlib.contextmanager
+def connected_client(process: NodeProcess):
+    """A Client of the node in `process`, ready to talk; on leaving, the node must stop
+    cleanly on SIGINT (exit code 0), whatever the test did."""
+    client = Client(process.namespace)
+    try:
+        client.wait_ready()
+        yield client
+    finally:
+        client.close()
+        exit_code = process.stop()
+        assert exit_code == 0, f"node exited with {exit_code}:\n{process.log()[-3000:]}"
+

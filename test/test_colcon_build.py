@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ros_harness import Client, NodeProcess
+from ros_harness import NodeProcess, connected_client
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -64,14 +64,9 @@ def test_installed_node_answers_a_query(colcon_install, tiny_llava, tmp_path, ph
     monkeypatch.setenv("AMENT_PREFIX_PATH", os.pathsep.join([str(colcon_install), sys.prefix]))
     executable = [sys.executable, str(colcon_install / "lib" / "nanovlm" / "vlm_node")]
     process = NodeProcess("/installed", tmp_path / "node.log", f"model.path:={tiny_llava}", command=executable)
-    client = Client("/installed")
-    try:
-        client.wait_ready()
+    with connected_client(process) as client:
         from ros2_nanovlm.image_conversion import rgb_to_image_msg
 
         response = client.query("What is in the image?", rgb_to_image_msg(photos["dogs"]))
         assert response.success, response.error
-    finally:
-        client.close()
-        assert process.stop() == 0, process.log()[-3000:]
     assert str(site / "ros2_nanovlm") in process.log()  # the installed copy ran, not the checkout

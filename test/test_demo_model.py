@@ -6,7 +6,7 @@ import pytest
 
 from ros2_nanovlm.engine import EngineConfig, VLMEngine
 from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
-from ros_harness import Client, NodeProcess
+from ros_harness import NodeProcess, connected_client
 from subjects import SUBJECTS, names_subject
 
 QUESTION = "What is in the image?"
@@ -33,13 +33,8 @@ def demo_node(tmp_path_factory, demo_model):
     log = tmp_path_factory.mktemp("logs") / "demo-node.log"
     process = NodeProcess("/demo", log, f"model.path:={demo_model}", "max_new_tokens:=24", "subscribe_compressed:=true",
                           "rate:=0.0")  # fmt: skip
-    client = Client("/demo")
-    try:
-        client.wait_ready()
+    with connected_client(process) as client:
         yield client
-    finally:
-        client.close()
-        assert process.stop() == 0, process.log()[-3000:]
 
 
 def frames_in_every_encoding(frame, photo):

@@ -11,7 +11,7 @@ from std_msgs.msg import Header
 
 from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 from ros2_nanovlm.node import CALLBACKS_TAKE_MESSAGE_INFO
-from ros_harness import Client, NodeProcess
+from ros_harness import NodeProcess, connected_client
 
 _stamp_counter = [0]
 
@@ -38,14 +38,8 @@ def node(tmp_path_factory, tiny_llava):
         "subscribe_compressed:=true",
         "max_image_pixels:=1000000",
     )  # fmt: skip
-    client = Client("/stream")
-    try:
-        client.wait_ready()
+    with connected_client(process) as client:
         yield process, client
-    finally:
-        client.close()
-        exit_code = process.stop()
-        assert exit_code == 0, f"node exited with {exit_code}:\n{process.log()[-3000:]}"
 
 
 def json_document_for(client, msg):
@@ -273,13 +267,8 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
 def modelless_node(tmp_path_factory, tiny_llava):
     log = tmp_path_factory.mktemp("logs") / "modelless.log"
     process = NodeProcess("/nomodel", log, "model.path:=/no/such/model")
-    client = Client("/nomodel")
-    try:
-        client.wait_ready()
+    with connected_client(process) as client:
         yield process, client
-    finally:
-        client.close()
-        assert process.stop() == 0
 
 
 def test_missing_model_is_a_clear_error_and_the_node_keeps_running(modelless_node, photos, tiny_llava):
