@@ -196,6 +196,7 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     result["weight_bytes_per_token"] = lm.weight_bytes_per_token()
     result["load_and_capture_s"] = load_s
     result["gemv_configs"] = {str(k): v for k, v in lm._gemv_configs.items()}
+    result["partial_configs"] = dict(lm._partial_configs)
     engine.close()
     gc.collect()
     torch.cuda.empty_cache()

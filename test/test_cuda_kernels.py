@@ -23,7 +23,7 @@ def relative_error(value, reference) -> float:
 
 
 @pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
-@pytest.mark.parametrize("config", [(1, 1, 1), (2, 4, 1), (8, 4, 2), (4, 8, 1)])
+@pytest.mark.parametrize("config", [(1, 128, 1, 1), (2, 256, 1, 1), (8, 128, 2, 1), (4, 128, 1, 1)])
 def test_w4_gemv_plain_gated_and_residual(rows, features, config):
     torch.manual_seed(rows + features)
     packed = quantize_int4(torch.randn(rows, features))
@@ -36,6 +36,32 @@ def test_w4_gemv_plain_gated_and_residual(rows, features, config):
     gated = kernels.w4_gemv(x, packed, out=out, residual=out, gated=True, config=config)
     expected = F.silu(reference[:half]) * reference[half:] + residual.float()
     assert relative_error(gated, expected) < 2e-3
+
+
+@pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
+@pytest.mark.parametrize("config", [(4, 128, 1, 2), (2, 128, 1, 4), (1, 256, 1, 3)])
+def test_w4_gemv_partials_split_k_and_sum_to_the_product(rows, features, config):
+    torch.manual_seed(rows * features)
+    packed = quantize_int4(torch.randn(rows, features))
+    x = torch.randn(features).half()
+    partials = torch.full((config[3], rows), float("nan"))  # every share must be written
+    kernels.w4_gemv_partials(x, packed, partials, config)
+    assert relative_error(partials.sum(0), dequantize_int4(packed) @ x.float()) < 2e-3
+    with pytest.raises(ValueError, match="float32"):
+        kernels.w4_gemv_partials(x, packed, torch.zeros(config[3] + 1, rows), config)
+    with pytest.raises(ValueError, match="w4_gemv_partials"):
+        kernels.w4_gemv(x, packed, config=config)
+
+
+def test_rmsnorm_adds_the_partials_to_the_residual_first():
+    torch.manual_seed(3)
+    x, weight = torch.randn(96).half(), torch.randn(96).half()
+    partials = torch.randn(3, 96)
+    expected_x = (x.float() + partials.sum(0)).half()
+    expected = (expected_x.float() * torch.rsqrt(expected_x.float().pow(2).mean() + 1e-5)).half().float() * weight.float()
+    out = kernels.rmsnorm(x, weight, 1e-5, partials=partials)
+    assert torch.equal(x, expected_x)  # x was updated in place
+    assert relative_error(out, expected) < 2e-3
 
 
 @pytest.mark.parametrize("rows, features", [(40, 128), (37, 576), (16, 1536)])
@@ -116,6 +142,8 @@ def test_fast_llama_prefill_split_and_decode_step(tiny_llama, quantize):
     with torch.inference_mode():
         reference = tiny_llama(ids[None]).logits[0, -1].float()
         lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=quantize, device=torch.device("cpu"))
+        if quantize:  # o and down write K-split shares that the next RMSNorm adds
+            lm._partial_configs = {"o": (2, 128, 1, 2), "down": (4, 128, 1, 2)}
         embeds = lm.embed(ids)
         whole = lm.prefill_logits(embeds, 0)
         lm.prefill_logits(embeds[:12], 0)

@@ -68,7 +68,8 @@ class FastLlama:
         self._scratch = torch.empty(scratch, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._prefill_graphs: PrefillGraphs | None = None  # made by capture(): CUDA only
-        self._gemv_configs: dict[tuple, tuple[int, int, int]] = {}
+        self._gemv_configs: dict[tuple, tuple[int, int, int, int]] = {}  # (rows, columns, gated) -> config
+        self._partial_configs: dict[str, tuple[int, int, int, int]] = {}  # "o", "down" -> config
 
     @classmethod
     def from_hf(cls, text_model, lm_head: torch.nn.Linear, *, max_tokens: int, quantize: bool,
@@ -260,28 +261,35 @@ class FastLlama:
 
     # ---- decode ---------------------------------------------------------------------------
 
-    def _gemv(self, x, weight, out=None, residual=None, gated=False):
+    def _gemv(self, x, weight, out, gated=False):
         if not isinstance(weight, Int4Weight):
             y = F.linear(x, weight)
             if gated:
                 gate, up = y.chunk(2)
                 y = F.silu(gate) * up
-            if residual is not None:
-                y = y + residual
-            if out is not None:
-                out.copy_(y)
-                return out
-            return y
+            return out.copy_(y)
         config = self._gemv_configs.get((weight.out_features, weight.in_features, gated), kernels.DEFAULT_GEMV_CONFIG)
-        return kernels.w4_gemv(x, weight, out, residual=residual, gated=gated, config=config)
+        return kernels.w4_gemv(x, weight, out, gated=gated, config=config)
+
+    def _gemv_partials(self, x, weight, name: str) -> torch.Tensor:
+        """W x as the (S, N) float32 shares of a K split (S = 1 for fp16 weights), for
+        rmsnorm(partials=) to add to the residual stream."""
+        partials = self._partials[name]
+        if not isinstance(weight, Int4Weight):
+            partials[0].copy_(F.linear(x, weight))
+            return partials
+        return kernels.w4_gemv_partials(x, weight, partials, self._partial_configs.get(name, kernels.DEFAULT_GEMV_CONFIG))
 
     def _decode_step_body(self) -> None:
-        """The graph body: reads self._token and self._position, writes self._token (greedy)."""
+        """The graph body: reads self._token and self._position, writes self._token (greedy).
+        The o and down products reach the residual stream x through the next RMSNorm, which
+        adds their K-split shares first."""
         x = self._x
         x.copy_(self.embed(self._token)[0])
+        down = None
         for index, layer in enumerate(self.layers):
-            h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h)
-            qkv = self._gemv(h, layer.qkv, out=self._qkv)
+            h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h, partials=down)
+            qkv = self._gemv(h, layer.qkv, self._qkv)
             kernels.rope_and_cache(
                 qkv[None], self._position, self.inv_freq, self.attention_scaling,
                 self.k_cache[index], self.v_cache[index], self._q, self.n_heads, self.n_kv_heads,
@@ -289,11 +297,11 @@ class FastLlama:
             kernels.decode_attention(
                 self._q[0], self.k_cache[index], self.v_cache[index], self._length, self._attention, self._attention_workspace
             )
-            self._gemv(self._attention.view(-1), layer.o, out=x, residual=x)
-            h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h)
-            act = self._gemv(h, layer.gate_up, out=self._act, gated=True)
-            self._gemv(act, layer.down, out=x, residual=x)
-        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h)
+            o = self._gemv_partials(self._attention.view(-1), layer.o, "o")
+            h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h, partials=o)
+            act = self._gemv(h, layer.gate_up, self._act, gated=True)
+            down = self._gemv_partials(act, layer.down, "down")
+        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h, partials=down)
         self._logits_of(last, out=self._logits)
         self._token.copy_(torch.argmax(self._logits).view(1))
         self._position.add_(1)
@@ -313,31 +321,54 @@ class FastLlama:
         vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]
         self._logits = torch.zeros(vocab, dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
+        self._partials = {name: torch.zeros(self._partial_configs.get(name, kernels.DEFAULT_GEMV_CONFIG)[3], self.hidden, device=device)
+                          for name in ("o", "down")}  # fmt: skip
         self._host_token = -1  # what self._token holds, as far as the host knows
         self._host_position = -1
 
     def tune_gemv(self) -> dict:
-        """Pick the fastest GEMV launch configuration for each 4-bit matrix shape, timing CUDA
-        graphs of back-to-back calls (how the decode step runs them)."""
+        """Pick the fastest GEMV launch configuration for each 4-bit matrix (o and down may split
+        K: they write shares). Each candidate is timed as a CUDA graph that runs that matrix of
+        every layer in turn, so the weights stream from memory as in the decode step: one
+        layer's matrix alone would sit in the L2 cache (50 MB on an H100) and favour
+        configurations that lose on the real stream."""
         if not self.quantized:
             return {}
-        layer = self.layers[0]
         x = torch.randn(max(self.hidden, self.intermediate), dtype=torch.float16, device=self.device)
-        for weight, gated in ((layer.qkv, False), (layer.o, False), (layer.gate_up, True), (layer.down, False)):
+        for name, gated in (("qkv", False), ("o", False), ("gate_up", True), ("down", False)):
+            weights = [getattr(layer, name) for layer in self.layers]
+            inputs = x[: weights[0].in_features]
+            writes_partials = name in ("o", "down")
             timings = {}
             for config in kernels.QUICK_GEMV_CONFIGS:
-                def run(config=config):
-                    kernels.w4_gemv(x[: weight.in_features], weight, gated=gated, config=config)
+                if config[3] > 1 and not writes_partials:
+                    continue
+                if writes_partials:
+                    partials = torch.empty(config[3], weights[0].out_features, device=self.device)
 
-                timings[config] = graph_time_us(run, calls=20, replays=5)
-            self._gemv_configs[(weight.out_features, weight.in_features, gated)] = min(timings, key=timings.get)
-        return dict(self._gemv_configs)
+                    def run(config=config, partials=partials):
+                        for weight in weights:
+                            kernels.w4_gemv_partials(inputs, weight, partials, config)
+                else:
+
+                    def run(config=config):
+                        for weight in weights:
+                            kernels.w4_gemv(inputs, weight, gated=gated, config=config)
+
+                timings[config] = graph_time_us(run, calls=1, replays=5)
+            best = min(timings, key=timings.get)
+            if writes_partials:
+                self._partial_configs[name] = best
+            else:
+                self._gemv_configs[(weights[0].out_features, weights[0].in_features, gated)] = best
+        return {**{str(key): value for key, value in self._gemv_configs.items()}, **self._partial_configs}
 
     def capture(self) -> float:
-        """Tune, warm up and capture the decode step; returns the seconds it took."""
+        """Tune (the first time), warm up and capture the decode step; returns the seconds it took."""
         started = time.perf_counter()
+        if not self._gemv_configs:
+            self.tune_gemv()
         self._allocate_decode_buffers()
-        self.tune_gemv()
         stream = torch.cuda.Stream()  # warm-ups run here (the prefill graphs' too)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():

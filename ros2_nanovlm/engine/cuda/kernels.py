@@ -10,12 +10,51 @@ Under TRITON_INTERPRET=1 the same kernels run on the CPU (the tests do that).
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Rows
+
+# ---- launch ordering: programmatic dependent launch (Hopper and later) ------------------
+# A decode step is ~300 short kernels; between two of them the GPU drains and refills. With PDL
+# a kernel is launched while its predecessor still runs: it loads what no earlier kernel writes
+# (its weights) and then waits (griddepcontrol.wait) for everything before it to finish and be
+# visible. Every kernel here launched with PDL waits before it touches activations, so the
+# ordering of the stream is kept; kernels launched without it (PyTorch's) serialise as usual.
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch with PDL on sm_90+ unless NANOVLM_PDL=0 (and never under TRITON_INTERPRET)."""
+    return device.type == "cuda" and _pdl_on_cuda_device(device.index)
+
+
+@functools.lru_cache
+def _pdl_on_cuda_device(index: int | None) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("NANOVLM_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _launch_options(device: torch.device) -> dict:
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def _let_next_kernel_start(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_for_previous_kernels(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
 
 # ---- 4-bit matrix-vector product ------------------------------------------------------------
 
@@ -29,74 +68,137 @@ def _nibble(words, i: tl.constexpr):
 
 
 @triton.jit
-def _w4_dot(words_ptr, scales_ptr, offsets_ptr, x_ptr, rows, row_mask, group0, x_sums,
-            K: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
-    """Partial dot products over BLOCK_G groups for each row: (BLOCK_N,) float32."""
-    WORDS: tl.constexpr = GROUP // 8
-    groups = tl.arange(0, BLOCK_G)
-    word = tl.arange(0, WORDS)
-    group_mask = (group0 + groups) < K // GROUP
-    offsets = rows[:, None, None] * (K // 8) + (group0 + groups)[None, :, None] * WORDS + word[None, None, :]
-    mask = row_mask[:, None, None] & group_mask[None, :, None]
-    words = tl.load(words_ptr + offsets, mask=mask, other=0, eviction_policy="evict_first")
-    products = tl.zeros(words.shape, dtype=tl.float32)
-    for i in tl.static_range(8):
-        # nibble i of the words of a group multiplies a contiguous run of x
-        x = tl.load(x_ptr + (group0 + groups)[:, None] * GROUP + i * WORDS + word[None, :], mask=group_mask[:, None], other=0.0)
-        products += _nibble(words, i) * x.to(tl.float32)[None, :, :]
-    dots = tl.sum(products, 2)
-    parameter_offsets = rows[:, None] * (K // GROUP) + group0 + groups[None, :]
-    parameter_mask = row_mask[:, None] & group_mask[None, :]
-    scale = tl.load(scales_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
-    offset = tl.load(offsets_ptr + parameter_offsets, mask=parameter_mask, other=0.0).to(tl.float32)
-    return tl.sum(scale * dots + offset * x_sums[None, :], 1)
+def _one_plus_sixteenth(words, i: tl.constexpr, one_bits):
+    """1 + q/16 as float32 for nibble q = bits 4i..4i+3 of each int32 word: q is moved into the
+    top four mantissa bits of 1.0 (one shift, one and-or), with no conversion and no subtraction;
+    the GEMV folds the 1 and the 1/16 into each group's offset and scale. `one_bits` is 1.0's
+    bit pattern passed at run time: as a register operand it lets the and and the or fuse into
+    one LOP3 (two immediates would not)."""
+    if 4 * i <= 19:
+        bits = words << (19 - 4 * i)
+    else:
+        bits = words >> (4 * i - 19)
+    return ((bits & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_words(words_ptr, rows, row_mask, word0, word_end, K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Words word0 .. word0+BLOCK_W-1 (those < word_end) of each row: (BLOCK_N, BLOCK_W) int32."""
+    words = word0 + tl.arange(0, BLOCK_W)
+    mask = row_mask[:, None] & (words < word_end)[None, :]
+    return tl.load(words_ptr + rows[:, None] * (K // 8) + words[None, :], mask=mask, other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask,
+                GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr):  # fmt: skip
+    """(BLOCK_N, groups) partial dot products: scale * sum(q x) + offset * sum(x) for each group,
+    from dots = sum((1 + q/16) x) per word slot (BLOCK_N, words) and x_sums per word slot."""
+    n_groups: tl.constexpr = groups.shape[0]
+    group_x = tl.sum(tl.reshape(x_sums, (n_groups, GROUP_WORDS)), 1)
+    group_dots = tl.sum(tl.reshape(dots, (dots.shape[0], n_groups, GROUP_WORDS)), 2)
+    parameters = rows[:, None] * GROUPS + groups[None, :]
+    mask = row_mask[:, None] & group_mask[None, :]
+    scale = tl.load(scales_ptr + parameters, mask=mask, other=0.0).to(tl.float32) * 16.0
+    offset = tl.load(offsets_ptr + parameters, mask=mask, other=0.0).to(tl.float32) - scale
+    return scale * group_dots + offset * group_x[None, :]
 
 
 @triton.jit
 def _w4_gemv_kernel(
     x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr,
-    N_OUT,
-    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+    N_OUT, one_bits,
+    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PARTIALS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program, BLOCK_G groups a step.
+    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program, over its share of K
+    (program_id(1) of SPLIT_K), BLOCK_W words (8 * BLOCK_W inputs) of each row a step.
 
     GATED: W stacks gate rows then up rows (2 * N_OUT rows); out[n] = silu(gate . x) * (up . x).
-    ADD_RESIDUAL: out[n] += residual[n].
+    ADD_RESIDUAL: out[n] += residual[n]. PARTIALS: out is float32 (SPLIT_K, N_OUT) and share s
+    goes to row s, unrounded, for the next kernel to add in a fixed order (rmsnorm(partials=)):
+    splitting K gives a matrix of few rows more programs, with no atomics, so every run of the
+    same input gives the same bits.
+
+    The tiles are 2-D (rows, words) so that Triton gives each thread 16 contiguous bytes of
+    every row it holds and the matching runs of x, with no layout conversion in the loop; the
+    next step's words are loaded before this step's arithmetic (two steps in flight).
     """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    GROUP_WORDS: tl.constexpr = GROUP // 8
+    GROUPS: tl.constexpr = K // GROUP
+    BLOCK_G: tl.constexpr = BLOCK_W // GROUP_WORDS
+    STEPS_PER_SPLIT: tl.constexpr = ((GROUPS + BLOCK_G - 1) // BLOCK_G + SPLIT_K - 1) // SPLIT_K
+    _let_next_kernel_start(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
-    groups = tl.arange(0, BLOCK_G)
-    within = tl.arange(0, GROUP)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for group0 in range(0, K // GROUP, BLOCK_G):
-        k = (group0 + groups)[:, None] * GROUP + within[None, :]
-        x_sums = tl.sum(tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32), 1)
-        acc += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, x_ptr, rows, row_mask, group0, x_sums,
-                       K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
-        if GATED:
-            acc_up += _w4_dot(packed_ptr, scales_ptr, offsets_ptr, x_ptr, rows + N_OUT, row_mask, group0, x_sums,
-                              K=K, GROUP=GROUP, BLOCK_G=BLOCK_G)  # fmt: skip
+    first = tl.program_id(1) * (STEPS_PER_SPLIT * BLOCK_G)  # groups first .. last-1
+    last = tl.minimum(first + STEPS_PER_SPLIT * BLOCK_G, GROUPS)
+    # weights are never written by a kernel: load the first step before waiting for x
+    words = _load_words(packed_ptr, rows, row_mask, first * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
+    up_words = words
     if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if ADD_RESIDUAL:
-        acc += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+        up_words = _load_words(packed_ptr, rows + N_OUT, row_mask, first * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
+    _wait_for_previous_kernels(PDL)
+    word = tl.arange(0, BLOCK_W)
+    x_index = (word // GROUP_WORDS) * GROUP + word % GROUP_WORDS  # nibble i of word w multiplies x[x_index + i * GROUP_WORDS]
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for step in range(STEPS_PER_SPLIT):
+        group0 = first + step * BLOCK_G
+        next_words = _load_words(packed_ptr, rows, row_mask, (group0 + BLOCK_G) * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
+        next_up_words = next_words
+        if GATED:
+            next_up_words = _load_words(packed_ptr, rows + N_OUT, row_mask, (group0 + BLOCK_G) * GROUP_WORDS,
+                                        last * GROUP_WORDS, K, BLOCK_W)  # fmt: skip
+        word_mask = group0 * GROUP_WORDS + word < last * GROUP_WORDS
+        dots = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        dots_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        x_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            x = tl.load(x_ptr + group0 * GROUP + x_index + i * GROUP_WORDS, mask=word_mask, other=0.0).to(tl.float32)
+            x_sums += x
+            dots += _one_plus_sixteenth(words, i, one_bits) * x[None, :]
+            if GATED:
+                dots_up += _one_plus_sixteenth(up_words, i, one_bits) * x[None, :]
+        groups = group0 + tl.arange(0, BLOCK_G)
+        group_mask = groups < last
+        acc += _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask, GROUPS, GROUP_WORDS)
+        if GATED:
+            acc_up += _group_sums(dots_up, x_sums, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, groups, group_mask,
+                                  GROUPS, GROUP_WORDS)  # fmt: skip
+        words = next_words
+        up_words = next_up_words
+    total = tl.sum(acc, 1)
+    if GATED:
+        total = total / (1.0 + tl.exp(-total)) * tl.sum(acc_up, 1)
+    if PARTIALS:
+        tl.store(out_ptr + tl.program_id(1) * N_OUT + rows, total, mask=row_mask)
+    else:
+        if ADD_RESIDUAL:
+            total += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-# (rows per program, groups per step, warps): the candidates FastLlama.tune_gemv times per shape
+ONE_BITS = 0x3F800000  # 1.0f
+
+# (rows per program, words of a row per step, warps, K splits): the candidates
+# FastLlama.tune_gemv times per shape. One warp and 128 or 256 words a step give each thread
+# 16 or 32 contiguous bytes of every row it holds; more warps would split the rows between
+# warps and make the loop exchange x through shared memory.
 GEMV_CONFIGS = [
-    (block_n, block_g, warps)
+    (block_n, block_w, warps, split_k)
     for block_n in (1, 2, 4, 8, 16)
-    for block_g in (1, 2, 4, 8)
-    for warps in (1, 2, 4)
-    if block_n * block_g <= 32
+    for block_w in (128, 256)
+    for warps in (1, 2)
+    for split_k in (1, 2, 4)
+    if block_n * block_w <= 2048
 ]
-DEFAULT_GEMV_CONFIG = (4, 2, 1)
-# The short list tuned at start-up (the full list takes minutes of Triton compiles).
-QUICK_GEMV_CONFIGS = [(1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 4, 1), (2, 8, 1), (4, 2, 1), (4, 4, 1), (4, 4, 2), (4, 8, 2), (8, 2, 2), (8, 4, 2), (16, 2, 4)]
+DEFAULT_GEMV_CONFIG = (4, 128, 1, 1)
+# The short list tuned at start-up (the full list takes minutes of Triton compiles); split
+# configurations only serve w4_gemv_partials.
+QUICK_GEMV_CONFIGS = [(2, 128, 1, 1), (4, 128, 1, 1), (8, 128, 1, 1), (16, 128, 1, 1),
+                      (4, 128, 1, 2), (8, 128, 1, 2), (16, 128, 1, 2), (4, 128, 1, 4), (8, 128, 1, 4)]  # fmt: skip
 
 
 def w4_gemv(
@@ -106,29 +208,49 @@ def w4_gemv(
     *,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    config: tuple[int, int, int] = DEFAULT_GEMV_CONFIG,
+    config: tuple[int, int, int, int] = DEFAULT_GEMV_CONFIG,
 ) -> torch.Tensor:
-    """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`."""
+    """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`. The config's K split
+    must be 1 (w4_gemv_partials splits K)."""
     n_out = weight.out_features // 2 if gated else weight.out_features
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    block_n, block_g, warps = config
-    grid = (triton.cdiv(n_out, block_n),)
-    _w4_gemv_kernel[grid](
-        x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
-        n_out,
-        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_G=block_g,
-        GATED=gated, ADD_RESIDUAL=residual is not None,
-        num_warps=warps,
-    )  # fmt: skip
+    if config[3] != 1:
+        raise ValueError("w4_gemv does not split K: use w4_gemv_partials")
+    _launch_w4_gemv(x, weight, out, residual, gated, config, partials=False)
     return out
+
+
+def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
+    """x (K,) fp16 -> partials (S, N) float32 with S = the config's K split: the products of
+    the S shares of K; rmsnorm(partials=) adds them to the residual stream."""
+    if partials.dtype != torch.float32 or tuple(partials.shape) != (config[3], weight.out_features):
+        raise ValueError(f"partials must be float32 ({config[3]}, {weight.out_features}), got {partials.dtype} {tuple(partials.shape)}")
+    _launch_w4_gemv(x, weight, partials, None, False, config, partials=True)
+    return partials
+
+
+def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *, partials: bool) -> None:
+    n_out = weight.out_features // 2 if gated else weight.out_features
+    block_n, block_w, warps, split_k = config
+    block_w = max(block_w, weight.group_size // 8)  # whole groups a step
+    _w4_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
+        x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
+        n_out, ONE_BITS,
+        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
+        GATED=gated, ADD_RESIDUAL=residual is not None, PARTIALS=partials,
+        num_warps=warps, **_launch_options(x.device),
+    )  # fmt: skip
 
 
 # ---- int8 GEMV (the LM head of a 4-bit model) ------------------------------------------------
 
 
 @triton.jit
-def _i8_gemv_kernel(x_ptr, values_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _i8_gemv_kernel(x_ptr, values_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -149,7 +271,7 @@ def i8_gemv(x: torch.Tensor, weight: Int8Rows, out: torch.Tensor | None = None) 
         out = torch.empty(n, dtype=x.dtype, device=x.device)
     block_n, block_k = 16, min(512, triton.next_power_of_2(k))
     _i8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight.values, weight.scales, out, n,
-                                                K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)  # fmt: skip
+                                                K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **_launch_options(x.device))  # fmt: skip
     return out
 
 
@@ -186,11 +308,21 @@ def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, weight_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
-    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0)
+    if SPLITS > 0:  # the residual stream takes the GEMV's shares, in a fixed order, and stays fp16
+        total = x.to(tl.float32)
+        for split in tl.static_range(SPLITS):
+            total += tl.load(partials_ptr + split * H + cols, mask=mask, other=0.0)
+        x = total.to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * H + cols, x, mask=mask)
+    x = x.to(tl.float32)
     variance = tl.sum(x * x, 0) / H
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
@@ -198,12 +330,18 @@ def _rmsnorm_kernel(x_ptr, weight_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, H) or (H,) -> same shape."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
+            partials: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """x (M, H) or (H,) -> same shape. partials (S, H) float32 (one row x only): first
+    x += sum of the partials, in place."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
+    if partials is not None and (rows != 1 or partials.dim() != 2 or partials.shape[1] != hidden):
+        raise ValueError(f"partials (S, {hidden}) are added to one row")
     out = torch.empty_like(x) if out is None else out
-    _rmsnorm_kernel[(rows,)](x, weight, out, hidden, eps, BLOCK=triton.next_power_of_2(hidden))
+    splits = 0 if partials is None else partials.shape[0]
+    _rmsnorm_kernel[(rows,)](x, partials if partials is not None else x, weight, out, hidden, eps,
+                             SPLITS=splits, BLOCK=triton.next_power_of_2(hidden), **_launch_options(x.device))  # fmt: skip
     return out
 
 
@@ -214,13 +352,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 def _rope_kv_kernel(
     qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, inv_freq_ptr,
     attention_scaling, max_tokens,
-    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head) of the fused qkv row: rotate q and k (rotate-half
     convention, as transformers' Llama), write q to q_out and k, v into the cache at the token's
     position."""
     token = tl.program_id(0)
     head = tl.program_id(1)
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
     position = tl.load(positions_ptr + token)
     half = tl.arange(0, HEAD_DIM // 2)
     angle = position.to(tl.float32) * tl.load(inv_freq_ptr + half)
@@ -263,7 +403,7 @@ def rope_and_cache(
     head_dim = k_cache.shape[-1]
     _rope_kv_kernel[(tokens, n_q_heads + n_kv_heads)](
         qkv, q_out, k_cache, v_cache, positions, inv_freq, attention_scaling, k_cache.shape[1],
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim,
+        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, **_launch_options(qkv.device),
     )  # fmt: skip
     return q_out
 
@@ -272,15 +412,17 @@ def rope_and_cache(
 # Flash-decoding: SPLIT_SIZE-key slices of every head run in parallel (one head alone would
 # keep one SM busy), then a second kernel merges the slices' softmax statistics.
 
-SPLIT_SIZE = 128
+SPLIT_SIZE = 64
 
 
 @triton.jit
 def _decode_attention_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, length_ptr, sm_scale,
     MAX_TOKENS: tl.constexpr, SPLITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     kv_head = head // GROUP_SIZE
@@ -317,7 +459,9 @@ def _decode_attention_split_kernel(
 
 
 @triton.jit
-def _decode_attention_merge_kernel(partial_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _decode_attention_merge_kernel(partial_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
     head = tl.program_id(0)
     splits = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
@@ -348,7 +492,7 @@ def decode_attention(
     _decode_attention_split_kernel[(n_heads, splits)](
         q, k_cache, v_cache, partial, stats, length, head_dim**-0.5,
         MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // k_cache.shape[0], HEAD_DIM=head_dim,
-        BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), num_warps=4,
+        BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), num_warps=4, **_launch_options(q.device),
     )  # fmt: skip
-    _decode_attention_merge_kernel[(n_heads,)](partial, stats, out, SPLITS=splits, HEAD_DIM=head_dim)
+    _decode_attention_merge_kernel[(n_heads,)](partial, stats, out, SPLITS=splits, HEAD_DIM=head_dim, **_launch_options(q.device))
     return out
