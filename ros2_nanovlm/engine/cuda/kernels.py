@@ -410,14 +410,15 @@ def rope_and_cache(
 
 # ---- decode attention: one query token against the cache up to its length -----------------
 # Flash-decoding: SPLIT_SIZE-key slices of every head run in parallel (one head alone would
-# keep one SM busy), then a second kernel merges the slices' softmax statistics.
+# keep one SM busy); the last slice of a head to finish merges the slices' softmax statistics
+# (a counter per head), in a fixed order, so one kernel does it all with no extra launch.
 
 SPLIT_SIZE = 64
 
 
 @triton.jit
-def _decode_attention_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, length_ptr, sm_scale,
+def _decode_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, counter_ptr, out_ptr, length_ptr, sm_scale,
     MAX_TOKENS: tl.constexpr, SPLITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -444,11 +445,11 @@ def _decode_attention_split_kernel(
             mask = (t < length) & (t < first + SPLIT_LEN)
             offsets = base + t[:, None] * HEAD_DIM + dims[None, :]
             k = tl.load(k_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
             scores = tl.where(mask, tl.sum(k * q[None, :], 1), -float("inf"))
             new_max = tl.maximum(running_max, tl.max(scores, 0))
             correction = tl.exp(running_max - new_max)
             p = tl.exp(scores - new_max)
-            v = tl.load(v_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
             acc = acc * correction + tl.sum(p[:, None] * v, 0)
             running_sum = running_sum * correction + tl.sum(p, 0)
             running_max = new_max
@@ -456,43 +457,40 @@ def _decode_attention_split_kernel(
     tl.store(partial_ptr + slot * HEAD_DIM + dims, acc)
     tl.store(stats_ptr + slot * 2, running_max)
     tl.store(stats_ptr + slot * 2 + 1, running_sum)
+    tl.debug_barrier()  # every thread's stores precede the release below
+    if tl.atomic_add(counter_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
+        # the last slice of this head: the others' results are visible (acquire); merge them
+        slots = head * SPLITS + tl.arange(0, SPLITS)
+        maxima = tl.load(stats_ptr + slots * 2, cache_modifier=".cg")
+        sums = tl.load(stats_ptr + slots * 2 + 1, cache_modifier=".cg")
+        overall = tl.max(maxima, 0)  # split 0 always holds the first key, so this is finite
+        weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
+        partial = tl.load(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")
+        out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights * sums, 0)
+        tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+        tl.store(counter_ptr + head, 0)  # ready for the next call
 
 
-@triton.jit
-def _decode_attention_merge_kernel(partial_ptr, stats_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
-    _let_next_kernel_start(PDL)
-    _wait_for_previous_kernels(PDL)
-    head = tl.program_id(0)
-    splits = tl.arange(0, SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
-    maxima = tl.load(stats_ptr + (head * SPLITS + splits) * 2)
-    sums = tl.load(stats_ptr + (head * SPLITS + splits) * 2 + 1)
-    overall = tl.max(maxima, 0)  # split 0 always holds the first key, so this is finite
-    weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
-    partial = tl.load(partial_ptr + (head * SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
-    out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights * sums, 0)
-    tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
-
-
-def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slice partial outputs and softmax statistics, and the per-head counters (zeros)."""
     splits = triton.next_power_of_2(max(1, max_tokens // SPLIT_SIZE) + 1) // 2  # a power of two
     return (torch.zeros(n_heads, splits, head_dim, dtype=torch.float32, device=device),
-            torch.zeros(n_heads, splits, 2, dtype=torch.float32, device=device))  # fmt: skip
+            torch.zeros(n_heads, splits, 2, dtype=torch.float32, device=device),
+            torch.zeros(n_heads, dtype=torch.int32, device=device))  # fmt: skip
 
 
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q (Hq, D); caches (Hkv, T, D); length: int32 device tensor (1,) -> out (Hq, D)."""
     n_heads, head_dim = q.shape
     max_tokens = k_cache.shape[1]
-    partial, stats = workspace or attention_workspace(n_heads, head_dim, max_tokens, q.device)
+    partial, stats, counters = workspace or attention_workspace(n_heads, head_dim, max_tokens, q.device)
     splits = partial.shape[1]
-    _decode_attention_split_kernel[(n_heads, splits)](
-        q, k_cache, v_cache, partial, stats, length, head_dim**-0.5,
+    _decode_attention_kernel[(n_heads, splits)](
+        q, k_cache, v_cache, partial, stats, counters, out, length, head_dim**-0.5,
         MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // k_cache.shape[0], HEAD_DIM=head_dim,
         BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), num_warps=4, **_launch_options(q.device),
     )  # fmt: skip
-    _decode_attention_merge_kernel[(n_heads,)](partial, stats, out, SPLITS=splits, HEAD_DIM=head_dim, **_launch_options(q.device))
     return out
