@@ -54,11 +54,11 @@ def check_kernels() -> None:
         if gated:
             reference = F.silu(reference[: n // 2]) * reference[n // 2 :]
         residual = torch.randn(reference.shape[0], device=DEVICE, dtype=torch.float16)
-        for config in ((1, 128, 1, 1), (4, 256, 1, 1), (8, 128, 2, 1), (16, 128, 1, 1)):
+        for config in ((1, 128, 1, 1, 0), (4, 256, 1, 1, 0), (8, 128, 2, 1, 0), (16, 128, 1, 1, 24)):
             in_place = residual.clone()  # out aliases residual
             out = kernels.w4_gemv(x, packed, out=in_place, residual=in_place, gated=gated, config=config)
             check(f"w4_gemv {name} {n}x{k} {config}", out, reference + residual.float(), 2e-3)
-        for config in ((4, 128, 1, 2), (8, 128, 1, 4)) if not gated else ():
+        for config in ((4, 128, 1, 2, 0), (8, 128, 1, 4, 24)) if not gated else ():
             partials = torch.full((config[3], n), float("nan"), device=DEVICE)
             kernels.w4_gemv_partials(x, packed, partials, config)
             check(f"w4_gemv_partials {name} {n}x{k} {config}", partials.sum(0), reference, 2e-3)
@@ -294,8 +294,9 @@ def profile_decode() -> None:
     x = torch.randn(4096, device=DEVICE, dtype=half)
     profile["rmsnorm_x65_us"] = 65 * graph_time_us(lambda: kernels.rmsnorm(x, layers[0].input_norm, 1e-5, out=lm._h))
     qkv = torch.randn(1, 12288, device=DEVICE, dtype=half)
+    rotated_q = torch.empty(1, 32, 128, device=DEVICE, dtype=half)
     profile["rope_x32_us"] = 32 * graph_time_us(lambda: kernels.rope_and_cache(
-        qkv, lm._position, lm.inv_freq, 1.0, lm.k_cache[0], lm.v_cache[0], lm._q, 32, 32))  # fmt: skip
+        qkv, lm._position, lm.inv_freq, 1.0, lm.k_cache[0], lm.v_cache[0], rotated_q, 32, 32))  # fmt: skip
     profile["lm_head_int8_us"] = graph_time_us(lambda: lm._logits_of(x, out=lm._logits))
     fp16_head = torch.randn(32064, 4096, device=DEVICE, dtype=half)
     profile["lm_head_fp16_us"] = graph_time_us(lambda: torch.matmul(fp16_head, x, out=lm._logits))

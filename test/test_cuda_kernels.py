@@ -23,7 +23,7 @@ def relative_error(value, reference) -> float:
 
 
 @pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
-@pytest.mark.parametrize("config", [(1, 128, 1, 1), (2, 256, 1, 1), (8, 128, 2, 1), (4, 128, 1, 1)])
+@pytest.mark.parametrize("config", [(1, 128, 1, 1, 3), (2, 256, 1, 1, 0), (8, 128, 2, 1, 1), (4, 128, 1, 1, 0)])
 def test_w4_gemv_plain_gated_and_residual(rows, features, config):
     torch.manual_seed(rows + features)
     packed = quantize_int4(torch.randn(rows, features))
@@ -39,7 +39,7 @@ def test_w4_gemv_plain_gated_and_residual(rows, features, config):
 
 
 @pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
-@pytest.mark.parametrize("config", [(4, 128, 1, 2), (2, 128, 1, 4), (1, 256, 1, 3)])
+@pytest.mark.parametrize("config", [(4, 128, 1, 2, 2), (2, 128, 1, 4, 0), (1, 256, 1, 3, 1)])
 def test_w4_gemv_partials_split_k_and_sum_to_the_product(rows, features, config):
     torch.manual_seed(rows * features)
     packed = quantize_int4(torch.randn(rows, features))
@@ -127,6 +127,26 @@ def test_decode_attention_reads_only_up_to_length(cache_tokens, length):
         assert not workspace[2].any()
 
 
+@pytest.mark.parametrize("heads, kv_heads, position", [(4, 4, 40), (4, 2, 0), (8, 2, 63)])
+def test_decode_rope_attention_equals_rope_then_attention(heads, kv_heads, position):
+    """The decode step's fused kernel: rotate q and k of the new token, write k and v into the
+    cache at its position, attend over positions 0..position; as the two kernels do it."""
+    torch.manual_seed(position)
+    dim, tokens = 16, 64
+    qkv = torch.randn((heads + 2 * kv_heads) * dim).half()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    caches = torch.randn(2, kv_heads, tokens, dim).half()
+    pos, length = torch.tensor([position], dtype=torch.int32), torch.tensor([position + 1], dtype=torch.int32)
+    k_ref, v_ref, q = caches[0].clone(), caches[1].clone(), torch.empty(1, heads, dim).half()
+    kernels.rope_and_cache(qkv[None], pos, inv_freq, 1.0, k_ref, v_ref, q, heads, kv_heads)
+    expected = kernels.decode_attention(q[0], k_ref, v_ref, length, torch.empty(heads, dim).half())
+    k_cache, v_cache = caches[0].clone(), caches[1].clone()
+    out = torch.full((heads, dim), float("nan")).half()
+    kernels.decode_rope_attention(qkv, pos, inv_freq, 1.0, k_cache, v_cache, length, out, heads)
+    assert relative_error(out, expected) < 1e-3
+    assert relative_error(k_cache, k_ref) < 1e-3 and torch.equal(v_cache, v_ref)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,7 +166,7 @@ def test_fast_llama_prefill_split_and_decode_step(tiny_llama, quantize):
         reference = tiny_llama(ids[None]).logits[0, -1].float()
         lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=quantize, device=torch.device("cpu"))
         if quantize:  # o and down write K-split shares that the next RMSNorm adds
-            lm._partial_configs = {"o": (2, 128, 1, 2), "down": (4, 128, 1, 2)}
+            lm._partial_configs = {"o": (2, 128, 1, 2, 1), "down": (4, 128, 1, 2, 0)}
         embeds = lm.embed(ids)
         whole = lm.prefill_logits(embeds, 0)
         lm.prefill_logits(embeds[:12], 0)

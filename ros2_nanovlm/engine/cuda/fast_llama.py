@@ -290,13 +290,10 @@ class FastLlama:
         for index, layer in enumerate(self.layers):
             h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h, partials=down)
             qkv = self._gemv(h, layer.qkv, self._qkv)
-            kernels.rope_and_cache(
-                qkv[None], self._position, self.inv_freq, self.attention_scaling,
-                self.k_cache[index], self.v_cache[index], self._q, self.n_heads, self.n_kv_heads,
+            kernels.decode_rope_attention(
+                qkv, self._position, self.inv_freq, self.attention_scaling, self.k_cache[index], self.v_cache[index],
+                self._length, self._attention, self.n_heads, self._attention_workspace,
             )  # fmt: skip
-            kernels.decode_attention(
-                self._q[0], self.k_cache[index], self.v_cache[index], self._length, self._attention, self._attention_workspace
-            )
             o = self._gemv_partials(self._attention.view(-1), layer.o, "o")
             h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h, partials=o)
             act = self._gemv(h, layer.gate_up, self._act, gated=True)
@@ -315,7 +312,6 @@ class FastLlama:
         self._x = torch.zeros(self.hidden, dtype=half, device=device)
         self._h = torch.zeros(self.hidden, dtype=half, device=device)
         self._qkv = torch.zeros((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=half, device=device)
-        self._q = torch.zeros(1, self.n_heads, self.head_dim, dtype=half, device=device)
         self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=half, device=device)
         self._act = torch.zeros(self.intermediate, dtype=half, device=device)
         vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]

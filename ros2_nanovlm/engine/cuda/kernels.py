@@ -44,6 +44,16 @@ def _launch_options(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
+@functools.lru_cache
+def _multiprocessor_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 2 elsewhere (the interpreter), so a persistent grid still loops."""
+    return _multiprocessor_count(device.index) if device.type == "cuda" else 2
+
+
 @triton.jit
 def _let_next_kernel_start(PDL: tl.constexpr):
     if PDL:
@@ -108,12 +118,14 @@ def _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, g
 def _w4_gemv_kernel(
     x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr,
     N_OUT, one_bits,
-    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PARTIALS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
-    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows n of this program, over its share of K
-    (program_id(1) of SPLIT_K), BLOCK_W words (8 * BLOCK_W inputs) of each row a step.
+    """out[n] = sum_k W[n, k] x[k] over this program's share of K (program_id(1) of SPLIT_K),
+    BLOCK_W words (8 * BLOCK_W inputs) of each row a step, for BLOCKS_PER_PROGRAM blocks of
+    BLOCK_N rows: blocks program_id(0), + num_programs(0), ... (a persistent grid when there are
+    fewer programs than blocks: no tail wave, fewer program launches).
 
     GATED: W stacks gate rows then up rows (2 * N_OUT rows); out[n] = silu(gate . x) * (up . x).
     ADD_RESIDUAL: out[n] += residual[n]. PARTIALS: out is float32 (SPLIT_K, N_OUT) and share s
@@ -125,16 +137,30 @@ def _w4_gemv_kernel(
     every row it holds and the matching runs of x, with no layout conversion in the loop; the
     next step's words are loaded before this step's arithmetic (two steps in flight).
     """
+    _let_next_kernel_start(PDL)
+    for i in range(BLOCKS_PER_PROGRAM):
+        rows = (tl.program_id(0) + i * tl.num_programs(0)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _w4_gemv_rows(x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr, rows, N_OUT, one_bits,
+                      K, GROUP, BLOCK_N, BLOCK_W, SPLIT_K, GATED, ADD_RESIDUAL, PARTIALS, PDL)  # fmt: skip
+
+
+@triton.jit
+def _w4_gemv_rows(
+    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr, rows, N_OUT, one_bits,
+    K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PARTIALS: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """One block of rows of _w4_gemv_kernel."""
     GROUP_WORDS: tl.constexpr = GROUP // 8
     GROUPS: tl.constexpr = K // GROUP
     BLOCK_G: tl.constexpr = BLOCK_W // GROUP_WORDS
     STEPS_PER_SPLIT: tl.constexpr = ((GROUPS + BLOCK_G - 1) // BLOCK_G + SPLIT_K - 1) // SPLIT_K
-    _let_next_kernel_start(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
     first = tl.program_id(1) * (STEPS_PER_SPLIT * BLOCK_G)  # groups first .. last-1
     last = tl.minimum(first + STEPS_PER_SPLIT * BLOCK_G, GROUPS)
-    # weights are never written by a kernel: load the first step before waiting for x
+    # weights are never written by a kernel: load the first step before waiting for x (the
+    # wait returns at once after the first block)
     words = _load_words(packed_ptr, rows, row_mask, first * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
     up_words = words
     if GATED:
@@ -180,25 +206,29 @@ def _w4_gemv_kernel(
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
+
+
 ONE_BITS = 0x3F800000  # 1.0f
 
-# (rows per program, words of a row per step, warps, K splits): the candidates
-# FastLlama.tune_gemv times per shape. One warp and 128 or 256 words a step give each thread
-# 16 or 32 contiguous bytes of every row it holds; more warps would split the rows between
-# warps and make the loop exchange x through shared memory.
+# (rows per block, words of a row per step, warps, K splits, programs per multiprocessor or 0
+# for one program per block): the candidates FastLlama.tune_gemv times per shape. One warp and
+# 128 words a step give each thread 16 contiguous bytes of every row it holds; more warps or
+# words would make the loop exchange x between threads.
 GEMV_CONFIGS = [
-    (block_n, block_w, warps, split_k)
+    (block_n, block_w, warps, split_k, programs)
     for block_n in (1, 2, 4, 8, 16)
     for block_w in (128, 256)
     for warps in (1, 2)
     for split_k in (1, 2, 4)
+    for programs in (0, 16, 24, 32)
     if block_n * block_w <= 2048
 ]
-DEFAULT_GEMV_CONFIG = (4, 128, 1, 1)
+DEFAULT_GEMV_CONFIG = (4, 128, 1, 1, 0)
 # The short list tuned at start-up (the full list takes minutes of Triton compiles); split
 # configurations only serve w4_gemv_partials.
-QUICK_GEMV_CONFIGS = [(2, 128, 1, 1), (4, 128, 1, 1), (8, 128, 1, 1), (16, 128, 1, 1),
-                      (4, 128, 1, 2), (8, 128, 1, 2), (16, 128, 1, 2), (4, 128, 1, 4), (8, 128, 1, 4)]  # fmt: skip
+QUICK_GEMV_CONFIGS = [(2, 128, 1, 1, 0), (4, 128, 1, 1, 0), (8, 128, 1, 1, 0), (2, 128, 1, 1, 24), (4, 128, 1, 1, 24),
+                      (2, 128, 1, 1, 32), (4, 128, 1, 2, 0), (8, 128, 1, 2, 0), (8, 128, 1, 4, 0), (16, 128, 1, 4, 0),
+                      (8, 128, 1, 4, 24), (16, 128, 1, 4, 24)]  # fmt: skip
 
 
 def w4_gemv(
@@ -208,7 +238,7 @@ def w4_gemv(
     *,
     residual: torch.Tensor | None = None,
     gated: bool = False,
-    config: tuple[int, int, int, int] = DEFAULT_GEMV_CONFIG,
+    config: tuple[int, ...] = DEFAULT_GEMV_CONFIG,
 ) -> torch.Tensor:
     """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`. The config's K split
     must be 1 (w4_gemv_partials splits K)."""
@@ -221,7 +251,7 @@ def w4_gemv(
     return out
 
 
-def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor, config: tuple[int, int, int, int]) -> torch.Tensor:
+def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor, config: tuple[int, ...]) -> torch.Tensor:
     """x (K,) fp16 -> partials (S, N) float32 with S = the config's K split: the products of
     the S shares of K; rmsnorm(partials=) adds them to the residual stream."""
     if partials.dtype != torch.float32 or tuple(partials.shape) != (config[3], weight.out_features):
@@ -232,12 +262,16 @@ def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor
 
 def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *, partials: bool) -> None:
     n_out = weight.out_features // 2 if gated else weight.out_features
-    block_n, block_w, warps, split_k = config
+    block_n, block_w, warps, split_k, programs_per_multiprocessor = config
     block_w = max(block_w, weight.group_size // 8)  # whole groups a step
-    _w4_gemv_kernel[(triton.cdiv(n_out, block_n), split_k)](
+    blocks = triton.cdiv(n_out, block_n)
+    programs = blocks
+    if programs_per_multiprocessor:
+        programs = min(blocks, programs_per_multiprocessor * _multiprocessors(x.device))
+    _w4_gemv_kernel[(programs, split_k)](
         x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
         n_out, ONE_BITS,
-        K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
+        BLOCKS_PER_PROGRAM=triton.cdiv(blocks, programs), K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
         GATED=gated, ADD_RESIDUAL=residual is not None, PARTIALS=partials,
         num_warps=warps, **_launch_options(x.device),
     )  # fmt: skip
@@ -413,15 +447,32 @@ def rope_and_cache(
 # keep one SM busy); the last slice of a head to finish merges the slices' softmax statistics
 # (a counter per head), in a fixed order, so one kernel does it all with no extra launch.
 
-SPLIT_SIZE = 64
+# One warp per 32-key slice: measured on an H100 against 16/64/128 keys and 2/4 warps (32 layers
+# of 651 keys: 261 us, against 421 us for 64 keys on 4 warps): a single warp reduces without
+# shared memory, and more programs keep more loads in flight.
+SPLIT_SIZE = 32
+ATTENTION_WARPS = 1
+
+
+@triton.jit
+def _rotate(row_ptr, dims, cos, sin, HEAD_DIM: tl.constexpr):
+    """Rotary embedding of one head (rotate-half convention, as transformers' Llama), float32."""
+    half: tl.constexpr = HEAD_DIM // 2
+    partner = tl.load(row_ptr + (dims + half) % HEAD_DIM).to(tl.float32)
+    return tl.load(row_ptr + dims).to(tl.float32) * cos + tl.where(dims < half, -partner, partner) * sin
 
 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, counter_ptr, out_ptr, length_ptr, sm_scale,
+    position_ptr, inv_freq_ptr, attention_scaling,
     MAX_TOKENS: tl.constexpr, SPLITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, ROPE_FROM_QKV: tl.constexpr, N_Q_HEADS: tl.constexpr,
+    N_KV_HEADS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """ROPE_FROM_QKV: q_ptr is the fused qkv row of the new token at position_ptr: q and k are
+    rotated here, and the program whose slice holds the position writes k and v into the cache
+    before reading its slice (the rotary kernel of the prefill, folded in: one launch fewer)."""
     _let_next_kernel_start(PDL)
     _wait_for_previous_kernels(PDL)
     head = tl.program_id(0)
@@ -429,13 +480,27 @@ def _decode_attention_kernel(
     kv_head = head // GROUP_SIZE
     length = tl.load(length_ptr)
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * sm_scale
-    running_max = tl.full((), -float("inf"), tl.float32)
-    running_sum = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
     base = kv_head * MAX_TOKENS * HEAD_DIM
     SPLIT_LEN: tl.constexpr = (MAX_TOKENS + SPLITS - 1) // SPLITS
     first = split * SPLIT_LEN
+    if ROPE_FROM_QKV:
+        position = tl.load(position_ptr)
+        angle = position.to(tl.float32) * tl.load(inv_freq_ptr + dims % (HEAD_DIM // 2))
+        cos = tl.cos(angle) * attention_scaling
+        sin = tl.sin(angle) * attention_scaling
+        # q is rounded to fp16 as the separate rotary kernel stores it
+        q = _rotate(q_ptr + head * HEAD_DIM, dims, cos, sin, HEAD_DIM).to(tl.float16).to(tl.float32) * sm_scale
+        if position // SPLIT_LEN == split:
+            k_new = _rotate(q_ptr + (N_Q_HEADS + kv_head) * HEAD_DIM, dims, cos, sin, HEAD_DIM)
+            tl.store(k_cache_ptr + base + position * HEAD_DIM + dims, k_new.to(k_cache_ptr.dtype.element_ty))
+            v_new = tl.load(q_ptr + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM + dims)
+            tl.store(v_cache_ptr + base + position * HEAD_DIM + dims, v_new)
+            tl.debug_barrier()  # the slice below reads them back
+    else:
+        q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * sm_scale
+    running_max = tl.full((), -float("inf"), tl.float32)
+    running_sum = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
     # Static trip count: one compiled kernel and one captured graph serve every length; blocks
     # past `length` are skipped without touching memory.
     for offset in range(0, SPLIT_LEN, BLOCK_T):
@@ -471,9 +536,9 @@ def _decode_attention_kernel(
         tl.store(counter_ptr + head, 0)  # ready for the next call
 
 
-def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device, split_size: int = SPLIT_SIZE):
     """Per-slice partial outputs and softmax statistics, and the per-head counters (zeros)."""
-    splits = triton.next_power_of_2(max(1, max_tokens // SPLIT_SIZE) + 1) // 2  # a power of two
+    splits = triton.next_power_of_2(max(1, max_tokens // split_size) + 1) // 2  # a power of two
     return (torch.zeros(n_heads, splits, head_dim, dtype=torch.float32, device=device),
             torch.zeros(n_heads, splits, 2, dtype=torch.float32, device=device),
             torch.zeros(n_heads, dtype=torch.int32, device=device))  # fmt: skip
@@ -482,15 +547,32 @@ def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device) ->
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    num_warps: int = ATTENTION_WARPS,
 ) -> torch.Tensor:
     """q (Hq, D); caches (Hkv, T, D); length: int32 device tensor (1,) -> out (Hq, D)."""
-    n_heads, head_dim = q.shape
-    max_tokens = k_cache.shape[1]
+    return _launch_decode_attention(q, q.shape[0], k_cache, v_cache, length, out, workspace, num_warps)
+
+
+def decode_rope_attention(
+    qkv: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor, n_q_heads: int,
+    workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, num_warps: int = ATTENTION_WARPS,
+) -> torch.Tensor:  # fmt: skip
+    """rope_and_cache then decode_attention in one kernel: qkv ((Hq + 2 Hkv) D,) of the token at
+    `position` (int32 device tensor (1,)); its k, v go into the caches; -> out (Hq, D)."""
+    rope = (position, inv_freq, attention_scaling)
+    return _launch_decode_attention(qkv, n_q_heads, k_cache, v_cache, length, out, workspace, num_warps, rope)
+
+
+def _launch_decode_attention(q, n_heads, k_cache, v_cache, length, out, workspace, num_warps, rope=None):
+    n_kv_heads, max_tokens, head_dim = k_cache.shape
     partial, stats, counters = workspace or attention_workspace(n_heads, head_dim, max_tokens, q.device)
     splits = partial.shape[1]
+    position, inv_freq, attention_scaling = rope or (length, length, 1.0)  # unused without rope
     _decode_attention_kernel[(n_heads, splits)](
-        q, k_cache, v_cache, partial, stats, counters, out, length, head_dim**-0.5,
-        MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // k_cache.shape[0], HEAD_DIM=head_dim,
-        BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), num_warps=4, **_launch_options(q.device),
+        q, k_cache, v_cache, partial, stats, counters, out, length, head_dim**-0.5, position, inv_freq, attention_scaling,
+        MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // n_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), ROPE_FROM_QKV=rope is not None,
+        N_Q_HEADS=n_heads, N_KV_HEADS=n_kv_heads, num_warps=num_warps, **_launch_options(q.device),
     )  # fmt: skip
     return out
