@@ -236,15 +236,7 @@ def profile_decode() -> None:
                    layers=layers, max_tokens=1024, device=DEVICE)  # fmt: skip
     lm.capture()
     profile = {"gemv_configs": {str(k): v for k, v in lm._gemv_configs.items()}, "partial_configs": dict(lm._partial_configs)}
-    lm._position.fill_(650)
-    lm._length.fill_(651)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        lm._graph.replay()
-    end.record()
-    end.synchronize()
-    profile["graph_replay_ms"] = start.elapsed_time(end) / 50
+    profile["graph_replay_ms"] = replay_ms(lm)
     if kernels.pdl_enabled(DEVICE):  # the same step captured without programmatic dependent launch
         saved_k, saved_v = lm.k_cache.clone(), lm.v_cache.clone()
 
@@ -261,14 +253,7 @@ def profile_decode() -> None:
         os.environ["NANOVLM_PDL"] = "0"
         kernels._pdl_on_cuda_device.cache_clear()
         lm.capture()
-        lm._position.fill_(650)
-        lm._length.fill_(651)
-        start.record()
-        for _ in range(50):
-            lm._graph.replay()
-        end.record()
-        end.synchronize()
-        profile["graph_replay_without_pdl_ms"] = start.elapsed_time(end) / 50
+        profile["graph_replay_without_pdl_ms"] = replay_ms(lm)
         without_pdl = one_step()
         # no atomics anywhere: the same kernels must give the same bits, launched either way
         same = bool(torch.equal(logits_with_pdl, without_pdl)) and bool(torch.equal(without_pdl, one_step()))
@@ -327,6 +312,13 @@ def profile_decode() -> None:
     profile["prefill_623_graph_ms"] = graph_free_ms(lambda: lm.prefill(embeds, 0))
     report["decode_profile_7b_int4"] = profile
     print("decode profile", profile, flush=True)
+
+
+def replay_ms(lm, replays: int = 50) -> float:
+    """Milliseconds of one replay of the captured decode step, from position 650."""
+    lm._position.fill_(650)
+    lm._length.fill_(651)
+    return graph_free_ms(lm._graph.replay, repeats=replays)
 
 
 def graph_free_ms(function, repeats: int = 5) -> float:
