@@ -8,9 +8,11 @@ only re-arranges them for speed:
 - prefill runs through cuBLAS (4-bit weights are dequantized layer by layer into one scratch
   buffer) and SDPA; a prefill that repeats (a new frame, the same question) replays a CUDA
   graph (prefill_graphs.py),
-- the decode step is captured once as a CUDA graph: about eight kernels a layer, the position
-  and the previous token live on the GPU, so a step costs one graph launch and one read of the
-  new token.
+- the decode step is captured once as a CUDA graph of seven kernels a layer (RMSNorm, qkv,
+  attention with RoPE and the KV write, o, RMSNorm, gate/up with SiLU, down); the o and down
+  products reach the residual through the next RMSNorm, in a fixed order, so a step gives the
+  same bits every run. The position and the previous token live on the GPU, so a step costs
+  one graph launch and one read of the new token.
 """
 from __future__ import annotations
 
@@ -68,8 +70,8 @@ class FastLlama:
         self._scratch = torch.empty(scratch, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._prefill_graphs: PrefillGraphs | None = None  # made by capture(): CUDA only
-        self._gemv_configs: dict[tuple, tuple[int, int, int, int]] = {}  # (rows, columns, gated) -> config
-        self._partial_configs: dict[str, tuple[int, int, int, int]] = {}  # "o", "down" -> config
+        self._gemv_configs: dict[tuple, tuple[int, ...]] = {}  # (rows, columns, gated) -> kernels.GEMV_CONFIGS entry
+        self._partial_configs: dict[str, tuple[int, ...]] = {}  # "o", "down" -> kernels.GEMV_CONFIGS entry
 
     @classmethod
     def from_hf(cls, text_model, lm_head: torch.nn.Linear, *, max_tokens: int, quantize: bool,

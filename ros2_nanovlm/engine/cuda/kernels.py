@@ -1,10 +1,12 @@
 """Triton kernels of the decode step, each with a small Python launcher.
 
-Batch-1 decode reads every weight once per token, so it is bound by memory bandwidth: the 4-bit
-GEMV reads packed weights row-contiguously and applies each group's scale and offset after the
-dot product (sum_k (q*s + m) x = s * sum_k q x + m * sum_k x). Attention reads the KV cache only
-up to the current length, which the kernel takes from a device tensor, so a CUDA graph captured
-once serves every position.
+Batch-1 decode reads every weight once per token, so it is bound by memory bandwidth and, for
+4-bit weights, by the instructions that unpack them: the 4-bit GEMV reads packed weights
+row-contiguously and applies each group's scale and offset after the dot product
+(sum_k (q*s + m) x = s * sum_k q x + m * sum_k x); bench/gemv_sass.py counts its instructions
+per weight. Attention reads the KV cache only up to the current length, which the kernel takes
+from a device tensor, so a CUDA graph captured once serves every position. On Hopper every
+kernel is launched with programmatic dependent launch (below).
 
 Under TRITON_INTERPRET=1 the same kernels run on the CPU (the tests do that).
 """
@@ -134,8 +136,10 @@ def _w4_gemv_kernel(
     same input gives the same bits.
 
     The tiles are 2-D (rows, words) so that Triton gives each thread 16 contiguous bytes of
-    every row it holds and the matching runs of x, with no layout conversion in the loop; the
-    next step's words are loaded before this step's arithmetic (two steps in flight).
+    every row it holds and the matching runs of x, with no layout conversion in the loop. The
+    next step's words are loaded before this step's arithmetic; ptxas moves those loads to the
+    end of the loop body, yet this measured faster than loading at the top of the step, and
+    than unrolling or cp.async pipelining (bench/NOTES.md, run 10).
     """
     _let_next_kernel_start(PDL)
     for i in range(BLOCKS_PER_PROGRAM):
@@ -255,7 +259,8 @@ def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor
     """x (K,) fp16 -> partials (S, N) float32 with S = the config's K split: the products of
     the S shares of K; rmsnorm(partials=) adds them to the residual stream."""
     if partials.dtype != torch.float32 or tuple(partials.shape) != (config[3], weight.out_features):
-        raise ValueError(f"partials must be float32 ({config[3]}, {weight.out_features}), got {partials.dtype} {tuple(partials.shape)}")
+        expected = (config[3], weight.out_features)
+        raise ValueError(f"partials must be float32 {expected}, got {partials.dtype} {tuple(partials.shape)}")
     _launch_w4_gemv(x, weight, partials, None, False, config, partials=True)
     return partials
 
@@ -271,8 +276,8 @@ def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *
     _w4_gemv_kernel[(programs, split_k)](
         x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
         n_out, ONE_BITS,
-        BLOCKS_PER_PROGRAM=triton.cdiv(blocks, programs), K=weight.in_features, GROUP=weight.group_size, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
-        GATED=gated, ADD_RESIDUAL=residual is not None, PARTIALS=partials,
+        BLOCKS_PER_PROGRAM=triton.cdiv(blocks, programs), K=weight.in_features, GROUP=weight.group_size,
+        BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, GATED=gated, ADD_RESIDUAL=residual is not None, PARTIALS=partials,
         num_warps=warps, **_launch_options(x.device),
     )  # fmt: skip
 
@@ -304,8 +309,8 @@ def i8_gemv(x: torch.Tensor, weight: Int8Rows, out: torch.Tensor | None = None) 
     if out is None:
         out = torch.empty(n, dtype=x.dtype, device=x.device)
     block_n, block_k = 16, min(512, triton.next_power_of_2(k))
-    _i8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight.values, weight.scales, out, n,
-                                                K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **_launch_options(x.device))  # fmt: skip
+    _i8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight.values, weight.scales, out, n, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                num_warps=4, **_launch_options(x.device))  # fmt: skip
     return out
 
 
