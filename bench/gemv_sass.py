@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
 
 SIGNATURE = {"x_ptr": "*fp16", "packed_ptr": "*i32", "scales_ptr": "*fp16", "offsets_ptr": "*fp16",
-             "out_ptr": "*fp16", "residual_ptr": "*fp16", "N_OUT": "i32", "one_bits": "i32"}  # fmt: skip
+             "out_ptr": "*fp16", "N_OUT": "i32", "one_bits": "i32"}  # fmt: skip
 # (label, K, gated, writes partials, config) for LLaVA-7B's matrices
 CASES = [
     ("qkv", 4096, False, False, (4, 128, 1, 1, 0)),
@@ -38,7 +38,7 @@ CASES = [
 def compile_gemv(k: int, gated: bool, partials: bool, config) -> str:
     block_n, block_w, warps, split_k, _ = config
     constants = dict(BLOCKS_PER_PROGRAM=1, K=k, GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
-                     GATED=gated, ADD_RESIDUAL=False, PARTIALS=partials, PDL=True)  # fmt: skip
+                     GATED=gated, PARTIALS=partials, PDL=True)  # fmt: skip
     function = kernels._w4_gemv_kernel
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constants})
     # the run time specializes 16-byte-aligned pointers; without this the loads are not vectorized

@@ -24,17 +24,16 @@ def relative_error(value, reference) -> float:
 
 @pytest.mark.parametrize("rows, features", [(24, 256), (40, 576), (30, 1536)])
 @pytest.mark.parametrize("config", [(1, 128, 1, 1, 3), (2, 256, 1, 1, 0), (8, 128, 2, 1, 1), (4, 128, 1, 1, 0)])
-def test_w4_gemv_plain_gated_and_residual(rows, features, config):
+def test_w4_gemv_plain_and_gated(rows, features, config):
     torch.manual_seed(rows + features)
     packed = quantize_int4(torch.randn(rows, features))
     x = torch.randn(features).half()
     reference = dequantize_int4(packed) @ x.float()
     assert relative_error(kernels.w4_gemv(x, packed, config=config), reference) < 2e-3
     half = rows // 2
-    residual = torch.randn(half).half()
-    out = residual.clone()  # out aliases residual, as in the decode step
-    gated = kernels.w4_gemv(x, packed, out=out, residual=out, gated=True, config=config)
-    expected = F.silu(reference[:half]) * reference[half:] + residual.float()
+    out = torch.full((half,), float("nan")).half()
+    gated = kernels.w4_gemv(x, packed, out=out, gated=True, config=config)
+    expected = F.silu(reference[:half]) * reference[half:]
     assert relative_error(gated, expected) < 2e-3
 
 

@@ -280,7 +280,11 @@ class FastLlama:
         if not isinstance(weight, Int4Weight):
             partials[0].copy_(F.linear(x, weight))
             return partials
-        return kernels.w4_gemv_partials(x, weight, partials, self._partial_configs.get(name, kernels.DEFAULT_GEMV_CONFIG))
+        return kernels.w4_gemv_partials(x, weight, partials, self._partial_config(name))
+
+    def _partial_config(self, name: str) -> tuple[int, ...]:
+        """The tuned GEMV configuration of "o" or "down" (its K split sizes their partials)."""
+        return self._partial_configs.get(name, kernels.DEFAULT_GEMV_CONFIG)
 
     def _decode_step_body(self) -> None:
         """The graph body: reads self._token and self._position, writes self._token (greedy).
@@ -319,8 +323,7 @@ class FastLlama:
         vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]
         self._logits = torch.zeros(vocab, dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
-        self._partials = {name: torch.zeros(self._partial_configs.get(name, kernels.DEFAULT_GEMV_CONFIG)[3], self.hidden, device=device)
-                          for name in ("o", "down")}  # fmt: skip
+        self._partials = {name: torch.zeros(self._partial_config(name)[3], self.hidden, device=device) for name in ("o", "down")}
         self._host_token = -1  # what self._token holds, as far as the host knows
         self._host_position = -1
 

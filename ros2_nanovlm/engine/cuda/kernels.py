@@ -68,6 +68,13 @@ def _wait_for_previous_kernels(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+@triton.jit
+def _start_after_previous_kernels(PDL: tl.constexpr):
+    """The start of a kernel that loads nothing before the previous kernels' results."""
+    _let_next_kernel_start(PDL)
+    _wait_for_previous_kernels(PDL)
+
+
 # ---- 4-bit matrix-vector product ------------------------------------------------------------
 
 
@@ -118,11 +125,10 @@ def _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, g
 
 @triton.jit
 def _w4_gemv_kernel(
-    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr,
+    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr,
     N_OUT, one_bits,
     BLOCKS_PER_PROGRAM: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PARTIALS: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[n] = sum_k W[n, k] x[k] over this program's share of K (program_id(1) of SPLIT_K),
     BLOCK_W words (8 * BLOCK_W inputs) of each row a step, for BLOCKS_PER_PROGRAM blocks of
@@ -130,8 +136,8 @@ def _w4_gemv_kernel(
     fewer programs than blocks: no tail wave, fewer program launches).
 
     GATED: W stacks gate rows then up rows (2 * N_OUT rows); out[n] = silu(gate . x) * (up . x).
-    ADD_RESIDUAL: out[n] += residual[n]. PARTIALS: out is float32 (SPLIT_K, N_OUT) and share s
-    goes to row s, unrounded, for the next kernel to add in a fixed order (rmsnorm(partials=)):
+    PARTIALS: out is float32 (SPLIT_K, N_OUT) and share s goes to row s, unrounded, for the next
+    kernel to add in a fixed order (rmsnorm(partials=) adds them to the residual stream):
     splitting K gives a matrix of few rows more programs, with no atomics, so every run of the
     same input gives the same bits.
 
@@ -144,16 +150,15 @@ def _w4_gemv_kernel(
     _let_next_kernel_start(PDL)
     for i in range(BLOCKS_PER_PROGRAM):
         rows = (tl.program_id(0) + i * tl.num_programs(0)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        _w4_gemv_rows(x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr, rows, N_OUT, one_bits,
-                      K, GROUP, BLOCK_N, BLOCK_W, SPLIT_K, GATED, ADD_RESIDUAL, PARTIALS, PDL)  # fmt: skip
+        _w4_gemv_rows(x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, rows, N_OUT, one_bits,
+                      K, GROUP, BLOCK_N, BLOCK_W, SPLIT_K, GATED, PARTIALS, PDL)  # fmt: skip
 
 
 @triton.jit
 def _w4_gemv_rows(
-    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, residual_ptr, rows, N_OUT, one_bits,
+    x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, rows, N_OUT, one_bits,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PARTIALS: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One block of rows of _w4_gemv_kernel."""
     GROUP_WORDS: tl.constexpr = GROUP // 8
@@ -205,11 +210,7 @@ def _w4_gemv_rows(
     if PARTIALS:
         tl.store(out_ptr + tl.program_id(1) * N_OUT + rows, total, mask=row_mask)
     else:
-        if ADD_RESIDUAL:
-            total += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-
 
 
 ONE_BITS = 0x3F800000  # 1.0f
@@ -240,18 +241,17 @@ def w4_gemv(
     weight: Int4Weight,
     out: torch.Tensor | None = None,
     *,
-    residual: torch.Tensor | None = None,
     gated: bool = False,
     config: tuple[int, ...] = DEFAULT_GEMV_CONFIG,
 ) -> torch.Tensor:
-    """x (K,) fp16 -> (N,) [gated: (N/2,)]; `out` may alias `residual`. The config's K split
-    must be 1 (w4_gemv_partials splits K)."""
+    """x (K,) fp16 -> (N,) [gated: (N/2,)]. The config's K split must be 1 (w4_gemv_partials
+    splits K)."""
     n_out = weight.out_features // 2 if gated else weight.out_features
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     if config[3] != 1:
         raise ValueError("w4_gemv does not split K: use w4_gemv_partials")
-    _launch_w4_gemv(x, weight, out, residual, gated, config, partials=False)
+    _launch_w4_gemv(x, weight, out, gated, config, partials=False)
     return out
 
 
@@ -261,11 +261,11 @@ def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor
     if partials.dtype != torch.float32 or tuple(partials.shape) != (config[3], weight.out_features):
         expected = (config[3], weight.out_features)
         raise ValueError(f"partials must be float32 {expected}, got {partials.dtype} {tuple(partials.shape)}")
-    _launch_w4_gemv(x, weight, partials, None, False, config, partials=True)
+    _launch_w4_gemv(x, weight, partials, False, config, partials=True)
     return partials
 
 
-def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *, partials: bool) -> None:
+def _launch_w4_gemv(x, weight: Int4Weight, out, gated: bool, config, *, partials: bool) -> None:
     n_out = weight.out_features // 2 if gated else weight.out_features
     block_n, block_w, warps, split_k, programs_per_multiprocessor = config
     block_w = max(block_w, weight.group_size // 8)  # whole groups a step
@@ -274,10 +274,9 @@ def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *
     if programs_per_multiprocessor:
         programs = min(blocks, programs_per_multiprocessor * _multiprocessors(x.device))
     _w4_gemv_kernel[(programs, split_k)](
-        x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, residual if residual is not None else out,
-        n_out, ONE_BITS,
+        x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, n_out, ONE_BITS,
         BLOCKS_PER_PROGRAM=triton.cdiv(blocks, programs), K=weight.in_features, GROUP=weight.group_size,
-        BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, GATED=gated, ADD_RESIDUAL=residual is not None, PARTIALS=partials,
+        BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, GATED=gated, PARTIALS=partials,
         num_warps=warps, **_launch_options(x.device),
     )  # fmt: skip
 
@@ -288,8 +287,7 @@ def _launch_w4_gemv(x, weight: Int4Weight, out, residual, gated: bool, config, *
 @triton.jit
 def _i8_gemv_kernel(x_ptr, values_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PDL: tl.constexpr):  # fmt: skip
-    _let_next_kernel_start(PDL)
-    _wait_for_previous_kernels(PDL)
+    _start_after_previous_kernels(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -349,8 +347,7 @@ def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
                     PDL: tl.constexpr):  # fmt: skip
-    _let_next_kernel_start(PDL)
-    _wait_for_previous_kernels(PDL)
+    _start_after_previous_kernels(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -398,8 +395,7 @@ def _rope_kv_kernel(
     position."""
     token = tl.program_id(0)
     head = tl.program_id(1)
-    _let_next_kernel_start(PDL)
-    _wait_for_previous_kernels(PDL)
+    _start_after_previous_kernels(PDL)
     position = tl.load(positions_ptr + token)
     half = tl.arange(0, HEAD_DIM // 2)
     angle = position.to(tl.float32) * tl.load(inv_freq_ptr + half)
@@ -478,8 +474,7 @@ def _decode_attention_kernel(
     """ROPE_FROM_QKV: q_ptr is the fused qkv row of the new token at position_ptr: q and k are
     rotated here, and the program whose slice holds the position writes k and v into the cache
     before reading its slice (the rotary kernel of the prefill, folded in: one launch fewer)."""
-    _let_next_kernel_start(PDL)
-    _wait_for_previous_kernels(PDL)
+    _start_after_previous_kernels(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     kv_head = head // GROUP_SIZE
