@@ -35,10 +35,10 @@ CASES = [
 ]
 
 
-def compile_gemv(k: int, gated: bool, partials: bool, config) -> str:
+def compile_gemv(k: int, gated: bool, partials: bool, config, half2: bool = True) -> str:
     block_n, block_w, warps, split_k, _ = config
     constants = dict(BLOCKS_PER_PROGRAM=1, K=k, GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
-                     GATED=gated, PARTIALS=partials, PDL=True)  # fmt: skip
+                     GATED=gated, PARTIALS=partials, HALF2=half2, PDL=True)  # fmt: skip
     function = kernels._w4_gemv_kernel
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constants})
     # the run time specializes 16-byte-aligned pointers; without this the loads are not vectorized

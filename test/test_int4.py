@@ -11,6 +11,19 @@ def test_pack_and_unpack_are_inverse():
         assert torch.equal(_unpack(_pack(q, group), group), q)
 
 
+def test_nibbles_k_and_k_plus_4_of_a_word_hold_adjacent_inputs():
+    """The layout the GEMV's half2 arithmetic relies on (quant/int4.py's docstring)."""
+    q = torch.randint(0, 16, (3, 256))
+    for group in (32, 64, 128):
+        words = _pack(q, group).view(torch.int32).to(torch.int64).reshape(3, -1, group // 8)
+        nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)  # (n, g, w, i)
+        w = torch.arange(group // 8).view(-1, 1)
+        i = torch.arange(8).view(1, -1)
+        columns = 2 * (w + group // 8 * (i % 4)) + i // 4  # (w, i) within a group
+        expected = q.reshape(3, -1, group)[:, :, columns]
+        assert torch.equal(nibbles, expected)
+
+
 def test_error_is_at_most_half_a_step_per_group():
     torch.manual_seed(0)
     weight = torch.randn(64, 512)

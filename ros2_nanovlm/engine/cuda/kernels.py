@@ -100,6 +100,82 @@ def _one_plus_sixteenth(words, i: tl.constexpr, one_bits):
     return ((bits & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
 
 
+# Eight products of one word's nibbles with their inputs, in half2 arithmetic (Hopper issues one
+# HFMA2 for two products). Nibble k (bits 4k..4k+3) and nibble k+4 (bits 4k+16..) land with one
+# shift in the top mantissa bits of the two halves, and one LOP3 (and, or) makes them the halves
+# 0.125 * (1 + q/16); subtracting 0.1875 leaves (q - 8) / 128, exact in fp16. Centring matters:
+# fp16 rounds each partial sum relative to its size, and without the subtraction the sums carry
+# 0.1875 * sum(x), which the group offset must cancel later: 10x the error (4e-3 against 4e-4
+# relative, bench/NOTES.md, run 11). Products are at most |x| / 16, so the four fused
+# multiply-adds of each half cannot overflow for any fp16 input. The two halves are added in
+# float32. $1: the word; $2..$5: the inputs of nibbles (0, 4), (1, 5), (2, 6), (3, 7) as half2
+# pairs.
+_DOT8_HALF2_ASM: tl.constexpr = tl.constexpr("""
+{
+.reg .b32 t, v, acc, centre;
+.reg .b16 lo, hi;
+.reg .f32 a, b;
+mov.b32 centre, 0x32003200;
+shl.b32 t, $1, 6;
+lop3.b32 v, t, 0x03C003C0, 0x30003000, 0xEA;
+sub.rn.f16x2 v, v, centre;
+mul.rn.f16x2 acc, v, $2;
+shl.b32 t, $1, 2;
+lop3.b32 v, t, 0x03C003C0, 0x30003000, 0xEA;
+sub.rn.f16x2 v, v, centre;
+fma.rn.f16x2 acc, v, $3, acc;
+shr.b32 t, $1, 2;
+lop3.b32 v, t, 0x03C003C0, 0x30003000, 0xEA;
+sub.rn.f16x2 v, v, centre;
+fma.rn.f16x2 acc, v, $4, acc;
+shr.b32 t, $1, 6;
+lop3.b32 v, t, 0x03C003C0, 0x30003000, 0xEA;
+sub.rn.f16x2 v, v, centre;
+fma.rn.f16x2 acc, v, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 a, lo;
+cvt.f32.f16 b, hi;
+add.f32 $0, a, b;
+}
+""")
+
+
+@triton.jit
+def _dot8_half2(words, pair0, pair1, pair2, pair3):
+    """sum over the 8 nibbles q of each int32 word of (q - 8) / 128 * x, float32; pair k holds
+    the inputs of nibbles k and k+4 as a half2 (int32)."""
+    return tl.inline_asm_elementwise(_DOT8_HALF2_ASM, "=r,r,r,r,r,r", [words, pair0, pair1, pair2, pair3],
+                                     dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _sum8_half2(pair0, pair1, pair2, pair3):
+    """The sum of the eight fp16 inputs in four half2 pairs, added pairwise in half2 (as the dot
+    products are), the two halves in float32."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 s;
+        .reg .b16 lo, hi;
+        .reg .f32 a, b;
+        add.rn.f16x2 s, $1, $2;
+        add.rn.f16x2 s, s, $3;
+        add.rn.f16x2 s, s, $4;
+        mov.b32 {lo, hi}, s;
+        cvt.f32.f16 a, lo;
+        cvt.f32.f16 b, hi;
+        add.f32 $0, a, b;
+        }
+        """,
+        "=r,r,r,r,r", [pair0, pair1, pair2, pair3], dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _load_input_pairs(x_pairs, k: tl.constexpr, GROUP_WORDS: tl.constexpr, word_mask):
+    """The inputs of nibbles k and k+4 of each word slot: one half2 (int32) each, adjacent in x."""
+    return tl.load(x_pairs + k * GROUP_WORDS, mask=word_mask, other=0)
+
+
 @triton.jit
 def _load_words(words_ptr, rows, row_mask, word0, word_end, K: tl.constexpr, BLOCK_W: tl.constexpr):
     """Words word0 .. word0+BLOCK_W-1 (those < word_end) of each row: (BLOCK_N, BLOCK_W) int32."""
@@ -110,17 +186,19 @@ def _load_words(words_ptr, rows, row_mask, word0, word_end, K: tl.constexpr, BLO
 
 @triton.jit
 def _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask,
-                GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr):  # fmt: skip
+                GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr, DOT_SCALE: tl.constexpr,
+                ZERO_Q: tl.constexpr):  # fmt: skip
     """(BLOCK_N, groups) partial dot products: scale * sum(q x) + offset * sum(x) for each group,
-    from dots = sum((1 + q/16) x) per word slot (BLOCK_N, words) and x_sums per word slot."""
+    from dots = sum(v x) per word slot (BLOCK_N, words), where each weight's dot value v is
+    (q - ZERO_Q) / DOT_SCALE, and x_sums per word slot."""
     n_groups: tl.constexpr = groups.shape[0]
     group_x = tl.sum(tl.reshape(x_sums, (n_groups, GROUP_WORDS)), 1)
     group_dots = tl.sum(tl.reshape(dots, (dots.shape[0], n_groups, GROUP_WORDS)), 2)
     parameters = rows[:, None] * GROUPS + groups[None, :]
     mask = row_mask[:, None] & group_mask[None, :]
-    scale = tl.load(scales_ptr + parameters, mask=mask, other=0.0).to(tl.float32) * 16.0
-    offset = tl.load(offsets_ptr + parameters, mask=mask, other=0.0).to(tl.float32) - scale
-    return scale * group_dots + offset * group_x[None, :]
+    scale = tl.load(scales_ptr + parameters, mask=mask, other=0.0).to(tl.float32)
+    offset = tl.load(offsets_ptr + parameters, mask=mask, other=0.0).to(tl.float32) + ZERO_Q * scale
+    return (scale * DOT_SCALE) * group_dots + offset * group_x[None, :]
 
 
 @triton.jit
@@ -128,7 +206,7 @@ def _w4_gemv_kernel(
     x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr,
     N_OUT, one_bits,
     BLOCKS_PER_PROGRAM: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, HALF2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[n] = sum_k W[n, k] x[k] over this program's share of K (program_id(1) of SPLIT_K),
     BLOCK_W words (8 * BLOCK_W inputs) of each row a step, for BLOCKS_PER_PROGRAM blocks of
@@ -151,14 +229,14 @@ def _w4_gemv_kernel(
     for i in range(BLOCKS_PER_PROGRAM):
         rows = (tl.program_id(0) + i * tl.num_programs(0)) * BLOCK_N + tl.arange(0, BLOCK_N)
         _w4_gemv_rows(x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, rows, N_OUT, one_bits,
-                      K, GROUP, BLOCK_N, BLOCK_W, SPLIT_K, GATED, PARTIALS, PDL)  # fmt: skip
+                      K, GROUP, BLOCK_N, BLOCK_W, SPLIT_K, GATED, PARTIALS, HALF2, PDL)  # fmt: skip
 
 
 @triton.jit
 def _w4_gemv_rows(
     x_ptr, packed_ptr, scales_ptr, offsets_ptr, out_ptr, rows, N_OUT, one_bits,
     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, GATED: tl.constexpr, PARTIALS: tl.constexpr, HALF2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One block of rows of _w4_gemv_kernel."""
     GROUP_WORDS: tl.constexpr = GROUP // 8
@@ -176,7 +254,12 @@ def _w4_gemv_rows(
         up_words = _load_words(packed_ptr, rows + N_OUT, row_mask, first * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
     _wait_for_previous_kernels(PDL)
     word = tl.arange(0, BLOCK_W)
-    x_index = (word // GROUP_WORDS) * GROUP + word % GROUP_WORDS  # nibble i of word w multiplies x[x_index + i * GROUP_WORDS]
+    # nibble i of word slot w multiplies x[x_index + 2 * GROUP_WORDS * (i % 4) + i // 4] (quant/int4.py)
+    x_index = (word // GROUP_WORDS) * GROUP + 2 * (word % GROUP_WORDS)
+    x_pair_index = (word // GROUP_WORDS) * (GROUP // 2) + word % GROUP_WORDS  # x_index // 2, visibly contiguous
+    # a weight's dot value: (q - 8) / 128 in half2, 1 + q/16 = (q + 16) / 16 in float32
+    DOT_SCALE: tl.constexpr = 128.0 if HALF2 else 16.0
+    ZERO_Q: tl.constexpr = 8.0 if HALF2 else -16.0
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for step in range(STEPS_PER_SPLIT):
@@ -190,18 +273,31 @@ def _w4_gemv_rows(
         dots = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         dots_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
         x_sums = tl.zeros((BLOCK_W,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            x = tl.load(x_ptr + group0 * GROUP + x_index + i * GROUP_WORDS, mask=word_mask, other=0.0).to(tl.float32)
-            x_sums += x
-            dots += _one_plus_sixteenth(words, i, one_bits) * x[None, :]
+        if HALF2:
+            x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + group0 * (GROUP // 2) + x_pair_index
+            pair0 = _load_input_pairs(x_pairs, 0, GROUP_WORDS, word_mask)
+            pair1 = _load_input_pairs(x_pairs, 1, GROUP_WORDS, word_mask)
+            pair2 = _load_input_pairs(x_pairs, 2, GROUP_WORDS, word_mask)
+            pair3 = _load_input_pairs(x_pairs, 3, GROUP_WORDS, word_mask)
+            x_sums = _sum8_half2(pair0, pair1, pair2, pair3)
+            dots = _dot8_half2(words, pair0[None, :], pair1[None, :], pair2[None, :], pair3[None, :])
             if GATED:
-                dots_up += _one_plus_sixteenth(up_words, i, one_bits) * x[None, :]
+                dots_up = _dot8_half2(up_words, pair0[None, :], pair1[None, :], pair2[None, :], pair3[None, :])
+        else:
+            for i in tl.static_range(8):
+                x_offset = 2 * GROUP_WORDS * (i % 4) + i // 4
+                x = tl.load(x_ptr + group0 * GROUP + x_index + x_offset, mask=word_mask, other=0.0).to(tl.float32)
+                x_sums += x
+                dots += _one_plus_sixteenth(words, i, one_bits) * x[None, :]
+                if GATED:
+                    dots_up += _one_plus_sixteenth(up_words, i, one_bits) * x[None, :]
         groups = group0 + tl.arange(0, BLOCK_G)
         group_mask = groups < last
-        acc += _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask, GROUPS, GROUP_WORDS)
+        acc += _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask, GROUPS, GROUP_WORDS,
+                            DOT_SCALE, ZERO_Q)
         if GATED:
             acc_up += _group_sums(dots_up, x_sums, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, groups, group_mask,
-                                  GROUPS, GROUP_WORDS)  # fmt: skip
+                                  GROUPS, GROUP_WORDS, DOT_SCALE, ZERO_Q)  # fmt: skip
         words = next_words
         up_words = next_up_words
     total = tl.sum(acc, 1)
@@ -231,9 +327,11 @@ GEMV_CONFIGS = [
 DEFAULT_GEMV_CONFIG = (4, 128, 1, 1, 0)
 # The short list tuned at start-up (the full list takes minutes of Triton compiles); split
 # configurations only serve w4_gemv_partials.
-QUICK_GEMV_CONFIGS = [(2, 128, 1, 1, 0), (4, 128, 1, 1, 0), (8, 128, 1, 1, 0), (2, 128, 1, 1, 24), (4, 128, 1, 1, 24),
-                      (2, 128, 1, 1, 32), (4, 128, 1, 2, 0), (8, 128, 1, 2, 0), (8, 128, 1, 4, 0), (16, 128, 1, 4, 0),
-                      (8, 128, 1, 4, 24), (16, 128, 1, 4, 24)]  # fmt: skip
+QUICK_GEMV_CONFIGS = [(2, 128, 1, 1, 0), (4, 128, 1, 1, 0), (4, 128, 1, 1, 24), (4, 128, 1, 1, 32), (8, 128, 2, 1, 32),
+                      (2, 256, 1, 1, 0), (2, 256, 1, 1, 24), (4, 256, 2, 1, 0), (4, 256, 2, 1, 24), (8, 256, 2, 1, 16),
+                      (8, 256, 2, 1, 24), (8, 128, 1, 2, 0), (8, 128, 1, 4, 0), (8, 128, 1, 4, 16), (8, 128, 1, 4, 32),
+                      (16, 128, 1, 4, 24), (4, 256, 1, 2, 16), (4, 256, 2, 2, 16), (8, 256, 2, 2, 0),
+                      (8, 256, 2, 2, 16)]  # fmt: skip
 
 
 def w4_gemv(
@@ -277,7 +375,7 @@ def _launch_w4_gemv(x, weight: Int4Weight, out, gated: bool, config, *, partials
         x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out, n_out, ONE_BITS,
         BLOCKS_PER_PROGRAM=triton.cdiv(blocks, programs), K=weight.in_features, GROUP=weight.group_size,
         BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, GATED=gated, PARTIALS=partials,
-        num_warps=warps, **_launch_options(x.device),
+        HALF2=x.device.type == "cuda", num_warps=warps, **_launch_options(x.device),
     )  # fmt: skip
 
 
@@ -326,9 +424,10 @@ def _w4_dequant_kernel(words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.conste
     words = tl.load(words_ptr + rows[:, None] * (K // 8) + g * WORDS + word[None, :])
     scale = tl.load(scales_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None]
     offset = tl.load(offsets_ptr + rows * (K // GROUP) + g).to(tl.float32)[:, None]
-    for i in tl.static_range(8):
-        values = _nibble(words, i) * scale + offset
-        tl.store(out_ptr + rows[:, None] * K + g * GROUP + i * WORDS + word[None, :], values.to(out_ptr.dtype.element_ty))
+    pair = tl.arange(0, 2 * WORDS)
+    for k in tl.static_range(4):  # nibbles k and k+4 of word w: inputs 2 * (k * WORDS + w) and the next
+        values = tl.reshape(tl.join(_nibble(words, k), _nibble(words, k + 4)), (BLOCK_N, 2 * WORDS)) * scale + offset
+        tl.store(out_ptr + rows[:, None] * K + g * GROUP + k * 2 * WORDS + pair[None, :], values.to(out_ptr.dtype.element_ty))
 
 
 def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:

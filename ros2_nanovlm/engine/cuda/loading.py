@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..api import ModelLoadError
 from .fast_llama import FastLlama
 
-CACHE_FORMAT = "nanovlm-w4-v2"  # v2: int8 embeddings and LM head, unused vision layers dropped
+CACHE_FORMAT = "nanovlm-w4-v3"  # v2: int8 embeddings and LM head, unused vision layers dropped; v3: nibble pairs
 
 
 def load_fast_llava(model_path: str, device: torch.device, *, quantize: bool, max_tokens: int, cache_home: Path):

@@ -2,12 +2,14 @@
 dequantizer that the CUDA kernels are checked against.
 
 Layout of a weight W (out_features N, in_features K), groups of G consecutive inputs:
-    packed  uint8  (N, K/2)   read as int32 words: G/8 words per group; bits 4i..4i+3 of word w
-                              of group g hold q[n, g*G + i*(G/8) + w]
+    packed  uint8  (N, K/2)   read as int32 words: G/8 words per group; nibble i (bits
+                              4i..4i+3) of word w of group g holds q[n, g*G + 2*(w + (G/8)*(i%4)) + i//4]
     scales  fp16   (N, K/G)   W[n, k] ~= q[n, k] * scales[n, k // G] + offsets[n, k // G]
     offsets fp16   (N, K/G)   (the group minimum), q in 0..15
-About 4.25 bits per weight at G = 128. The nibble order lets a kernel take nibble i of a run of
-words and meet a contiguous run of inputs x[g*G + i*G/8 : g*G + (i+1)*G/8].
+About 4.25 bits per weight at G = 128. The nibble order serves the GEMV's half2 arithmetic:
+nibbles k and k+4 of a word (one shift apart from the two halves of a half2) multiply two
+adjacent inputs, and the pairs (k, k+4) of a run of words meet a contiguous run of input pairs
+x[g*G + 2*(G/8)*k : g*G + 2*(G/8)*(k+1)], which the kernel loads as int32 words.
 """
 from __future__ import annotations
 
@@ -109,7 +111,9 @@ def _pack(q: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K/G, G) values 0..15 -> (N, K/2) uint8 in the layout above."""
     out_features = q.shape[0]
     words_per_group = group_size // 8
-    nibbles = q.reshape(out_features, -1, 8, words_per_group)  # (n, g, i, w)
+    # column 2*(w + W*k) + half of a group is nibble k + 4*half of word w
+    pairs = q.reshape(out_features, -1, 4, words_per_group, 2)  # (n, g, k, w, half)
+    nibbles = pairs.permute(0, 1, 4, 2, 3).reshape(out_features, -1, 8, words_per_group)  # (n, g, i, w)
     shifts = (4 * torch.arange(8, device=q.device)).view(1, 1, 8, 1)
     words = (nibbles << shifts).sum(dim=2)  # (n, g, w), up to 2**32 - 1
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -119,9 +123,11 @@ def _pack(q: torch.Tensor, group_size: int) -> torch.Tensor:
 def _unpack(packed: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) values 0..15 (int64)."""
     out_features = packed.shape[0]
-    words = packed.contiguous().view(torch.int32).to(torch.int64).reshape(out_features, -1, 1, group_size // 8)
+    words_per_group = group_size // 8
+    words = packed.contiguous().view(torch.int32).to(torch.int64).reshape(out_features, -1, 1, words_per_group)
     shifts = (4 * torch.arange(8, device=packed.device)).view(1, 1, 8, 1)
-    return ((words >> shifts) & 0xF).reshape(out_features, -1)
+    nibbles = ((words >> shifts) & 0xF).reshape(out_features, -1, 2, 4, words_per_group)  # (n, g, half, k, w)
+    return nibbles.permute(0, 1, 3, 4, 2).reshape(out_features, -1)
 
 
 def dequantize_int4(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
