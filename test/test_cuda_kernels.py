@@ -76,6 +76,26 @@ def test_i8_gemv_and_int8_rows(rows, features):
     assert torch.equal(head.rows(ids), dequantize_int8_rows(head, torch.float16)[ids])
 
 
+def test_embed_token_matches_the_table_lookup():
+    table = torch.randn(50, 96).half()
+    rows = quantize_int8_rows(torch.randn(50, 96))
+    token = torch.tensor([37])
+    assert torch.equal(kernels.embed_token(token, table, torch.full((96,), float("nan")).half()), table[37])
+    assert torch.equal(kernels.embed_token(token, rows, torch.full((96,), float("nan")).half()), rows.rows(token)[0])
+
+
+def test_greedy_advance_takes_the_first_maximum_and_moves_one_position_on():
+    logits = torch.randn(40000).half()  # two blocks of the kernel
+    token, position, length = torch.tensor([-1]), torch.tensor([9], dtype=torch.int32), torch.tensor([10], dtype=torch.int32)
+    logits[35000] = logits[5] = logits.max() + 1  # equal maxima in two blocks: the first wins, as torch.argmax
+    kernels.greedy_advance(logits, token, position, length)
+    assert token.item() == 5 == torch.argmax(logits).item()
+    assert (position.item(), length.item()) == (10, 11)
+    logits[35001] = logits[5] + 1
+    kernels.greedy_advance(logits, token, position, length)
+    assert (token.item(), position.item(), length.item()) == (35001, 11, 12)
+
+
 def test_w4_dequantize_matches_the_reference():
     packed = quantize_int4(torch.randn(32, 512))
     out = torch.empty(32, 512, dtype=torch.float16)

@@ -291,7 +291,7 @@ class FastLlama:
         The o and down products reach the residual stream x through the next RMSNorm, which
         adds their K-split shares first."""
         x = self._x
-        x.copy_(self.embed(self._token)[0])
+        kernels.embed_token(self._token, self.embed_tokens, out=x)
         down = None
         for index, layer in enumerate(self.layers):
             h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h, partials=down)
@@ -306,9 +306,7 @@ class FastLlama:
             down = self._gemv_partials(act, layer.down, "down")
         last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h, partials=down)
         self._logits_of(last, out=self._logits)
-        self._token.copy_(torch.argmax(self._logits).view(1))
-        self._position.add_(1)
-        self._length.add_(1)
+        kernels.greedy_advance(self._logits, self._token, self._position, self._length)
 
     def _allocate_decode_buffers(self) -> None:
         device, half = self.device, torch.float16

@@ -440,16 +440,75 @@ def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---- the ends of a decode step: the token's embedding in, the greedy token out -------------
+# One kernel each instead of PyTorch's gather, casts and scaling (int8 rows), and argmax, copy
+# and two increments: every launch in the captured step costs a few microseconds of drain and
+# refill, and PyTorch's kernels also break the PDL chain.
+
+
+@triton.jit
+def _embed_token_kernel(token_ptr, values_ptr, scales_ptr, out_ptr, H, SCALED: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):  # fmt: skip
+    _start_after_previous_kernels(PDL)
+    token = tl.load(token_ptr)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    row = tl.load(values_ptr + token * H + cols, mask=mask, other=0)
+    if SCALED:  # as Int8Rows.rows: float32 product, rounded once
+        row = row.to(tl.float32) * tl.load(scales_ptr + token).to(tl.float32)
+    tl.store(out_ptr + cols, row.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def embed_token(token: torch.Tensor, table: Int8Rows | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (H,) = the embedding of token (a (1,) device tensor) in an fp16 or int8-row table."""
+    values, scales = (table.values, table.scales) if isinstance(table, Int8Rows) else (table, table)
+    hidden = values.shape[1]
+    _embed_token_kernel[(1,)](token, values, scales, out, hidden, SCALED=isinstance(table, Int8Rows),
+                              BLOCK=triton.next_power_of_2(hidden), **_launch_options(out.device))  # fmt: skip
+    return out
+
+
+@triton.jit
+def _greedy_advance_kernel(logits_ptr, token_ptr, position_ptr, length_ptr, V: tl.constexpr, BLOCK: tl.constexpr,
+                           PDL: tl.constexpr):  # fmt: skip
+    _start_after_previous_kernels(PDL)
+    best_value = tl.full((), -float("inf"), tl.float32)
+    best_index = tl.full((), 0, tl.int32)
+    for start in tl.static_range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        logits = tl.load(logits_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        value, index = tl.max(logits, 0, return_indices=True, return_indices_tie_break_left=True)
+        better = value > best_value  # strictly: the first of equal maxima wins, as torch.argmax
+        best_index = tl.where(better, start + index, best_index)
+        best_value = tl.where(better, value, best_value)
+    tl.store(token_ptr, best_index.to(token_ptr.dtype.element_ty))
+    tl.store(position_ptr, tl.load(position_ptr) + 1)
+    tl.store(length_ptr, tl.load(length_ptr) + 1)
+
+
+def greedy_advance(logits: torch.Tensor, token: torch.Tensor, position: torch.Tensor, length: torch.Tensor) -> None:
+    """token = argmax(logits) (the first of equal maxima); position += 1; length += 1 (all (1,)
+    device tensors): the end of a captured decode step."""
+    vocab = logits.numel()
+    _greedy_advance_kernel[(1,)](logits, token, position, length, V=vocab, BLOCK=min(32768, triton.next_power_of_2(vocab)),
+                                 num_warps=16, **_launch_options(logits.device))  # fmt: skip
+
+
 # ---- RMSNorm --------------------------------------------------------------------------------
+
+
+RMSNORM_WARPS = 4
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
                     PDL: tl.constexpr):  # fmt: skip
-    _start_after_previous_kernels(PDL)
+    _let_next_kernel_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # never written by a kernel
+    _wait_for_previous_kernels(PDL)
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0)
     if SPLITS > 0:  # the residual stream takes the GEMV's shares, in a fixed order, and stays fp16
         total = x.to(tl.float32)
@@ -459,7 +518,6 @@ def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl
         tl.store(x_ptr + row * H + cols, x, mask=mask)
     x = x.to(tl.float32)
     variance = tl.sum(x * x, 0) / H
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
     y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32) * w
     tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -476,7 +534,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
     out = torch.empty_like(x) if out is None else out
     splits = 0 if partials is None else partials.shape[0]
     _rmsnorm_kernel[(rows,)](x, partials if partials is not None else x, weight, out, hidden, eps,
-                             SPLITS=splits, BLOCK=triton.next_power_of_2(hidden), **_launch_options(x.device))  # fmt: skip
+                             SPLITS=splits, BLOCK=triton.next_power_of_2(hidden), num_warps=RMSNORM_WARPS,
+                             **_launch_options(x.device))  # fmt: skip
     return out
 
 
