@@ -44,6 +44,30 @@ def check(name: str, value, reference, tolerance: float) -> None:
         failures.append(name)
 
 
+def check_steps_started_ahead(lm, embeds, first: int, label: str) -> None:
+    """decode_step(more=True) starts the next step before returning: the same tokens as one
+    step at a time, and a caller that then feeds another token still gets the right answer."""
+
+    def tokens(more: bool) -> list[int]:
+        lm.prefill_logits(embeds[:299], 0)
+        out = [first]
+        for step in range(16):
+            out.append(lm.decode_step(out[-1], 299 + step, more=more and step < 15))
+        return out
+
+    def after_other_token(more: bool) -> int:
+        lm.prefill_logits(embeds[:299], 0)
+        lm.decode_step(first, 299, more=more)
+        return lm.decode_step(7, 300)
+
+    same = tokens(False) == tokens(True) and after_other_token(False) == after_other_token(True)
+    name = f"FastLlama {label} steps started ahead give the same tokens"
+    report["checks"][name] = {"ok": same}
+    print(f"{'ok  ' if same else 'FAIL'} {name}", flush=True)
+    if not same:
+        failures.append(name)
+
+
 def check_kernels() -> None:
     torch.manual_seed(0)
     for name, (n, k, gated) in {"qkv": (12288, 4096, False), "gate_up": (22016, 4096, True), "down": (4096, 11008, False)}.items():
@@ -198,6 +222,7 @@ def check_fast_llama() -> None:
             both = torch.cat([ids[0], torch.argmax(full).view(1)])
             again = lm.prefill_logits(lm.embed(both), 0)
             check(f"FastLlama {label} second graph step vs prefill", lm._logits.float(), again, 5e-3)
+            check_steps_started_ahead(lm, embeds, int(ids[0, 299]), label)
             report["checks"][f"FastLlama {label} next token agrees"] = {"ok": token == int(torch.argmax(again))}
             # The prompt of 299 tokens was the second at (start 0, 320 padded): it ran as a
             # captured graph, as did the 301 tokens after it; 300 again replays that graph.
@@ -271,6 +296,11 @@ def profile_decode() -> None:
     for step in range(100):
         token = lm.decode_step(token, 600 + step)
     profile["decode_step_ms"] = (_time.perf_counter() - began) * 1000 / 100
+    torch.cuda.synchronize()
+    began = _time.perf_counter()
+    for step in range(100):
+        token = lm.decode_step(token, 600 + step, more=step < 99)
+    profile["decode_step_started_ahead_ms"] = (_time.perf_counter() - began) * 1000 / 100
     q = torch.randn(32, 128, device=DEVICE, dtype=half)
     out = torch.empty_like(q)
     profile["attention_x32_us"] = 32 * graph_time_us(lambda: kernels.decode_attention(q, lm.k_cache[0], lm.v_cache[0], lm._length, out))

@@ -162,7 +162,9 @@ class TransformersBackend(Backend):
         generated = [token]
         while token not in self.eos_ids and len(generated) < budget:
             position = len(self.kv)
-            token = self.lm.decode_step(token, position)
+            # more: unless this is the last token the budget allows, the runner may start the
+            # next step before returning this one's token (FastLlama does, on the GPU)
+            token = self.lm.decode_step(token, position, more=len(generated) + 1 < budget)
             self.kv.extend([generated[-1]])
             generated.append(token)
         timings.decode_ms = _ms_since(decode_started)

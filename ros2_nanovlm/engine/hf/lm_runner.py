@@ -39,7 +39,9 @@ class TransformersLMRunner:
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
         return self._forward(start, inputs_embeds=embeds[None])
 
-    def decode_step(self, token: int, position: int) -> int:
+    def decode_step(self, token: int, position: int, *, more: bool = False) -> int:
+        """The next token after `token` at `position`; `more` (a hint that the caller will feed
+        the result back) changes nothing here: eager transformers has no step to start early."""
         return self._forward(position, input_ids=torch.tensor([[token]], device=self._device))
 
     def _forward(self, start: int, *, input_ids=None, inputs_embeds=None) -> int:
