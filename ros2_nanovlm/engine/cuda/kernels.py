@@ -312,24 +312,26 @@ def _w4_gemv_rows(
 ONE_BITS = 0x3F800000  # 1.0f
 
 # (rows per block, words of a row per step, warps, K splits, programs per multiprocessor or 0
-# for one program per block): the candidates FastLlama.tune_gemv times per shape. One warp and
-# 128 words a step give each thread 16 contiguous bytes of every row it holds; more warps or
-# words would make the loop exchange x between threads.
+# for one program per block): the candidates FastLlama.tune_gemv times per shape. Each thread
+# holds 16 contiguous bytes (4 words) of every row it holds and the matching input pairs; wide
+# steps (512 words: a whole row of K = 4096 at once) put more loads in flight per thread.
 GEMV_CONFIGS = [
     (block_n, block_w, warps, split_k, programs)
     for block_n in (1, 2, 4, 8, 16)
-    for block_w in (128, 256)
-    for warps in (1, 2)
+    for block_w in (128, 256, 512)
+    for warps in (1, 2, 4)
     for split_k in (1, 2, 4)
     for programs in (0, 16, 24, 32)
-    if block_n * block_w <= 2048
+    if block_n * block_w <= 2048 and (warps < 4 or block_w == 512)
 ]
 DEFAULT_GEMV_CONFIG = (4, 128, 1, 1, 0)
-# The short list tuned at start-up (the full list takes minutes of Triton compiles); split
-# configurations only serve w4_gemv_partials.
+# The short list tuned at start-up (the full list takes minutes of Triton compiles): the
+# leaders of the H100 sweeps (bench/NOTES.md, run 11); split configurations only serve
+# w4_gemv_partials.
 QUICK_GEMV_CONFIGS = [(2, 128, 1, 1, 0), (4, 128, 1, 1, 0), (4, 128, 1, 1, 24), (4, 128, 1, 1, 32), (8, 128, 2, 1, 32),
                       (2, 256, 1, 1, 0), (2, 256, 1, 1, 24), (4, 256, 2, 1, 0), (4, 256, 2, 1, 24), (8, 256, 2, 1, 16),
-                      (8, 256, 2, 1, 24), (8, 128, 1, 2, 0), (8, 128, 1, 4, 0), (8, 128, 1, 4, 16), (8, 128, 1, 4, 32),
+                      (8, 256, 2, 1, 24), (2, 512, 2, 1, 0), (2, 512, 2, 1, 24), (4, 512, 2, 1, 24), (4, 512, 4, 1, 0),
+                      (4, 512, 4, 1, 24), (8, 128, 1, 2, 0), (8, 128, 1, 4, 0), (8, 128, 1, 4, 16), (8, 128, 1, 4, 32),
                       (16, 128, 1, 4, 24), (4, 256, 1, 2, 16), (4, 256, 2, 2, 16), (8, 256, 2, 2, 0),
                       (8, 256, 2, 2, 16)]  # fmt: skip
 
