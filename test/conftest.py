@@ -40,6 +40,14 @@ def tiny_llava_next(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_stablelm(tmp_path_factory) -> Path:
+    """LLaVA with a StableLM language model (the Obsidian-3B layout)."""
+    from ros2_nanovlm.engine.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava-stablelm", text_model="stablelm")
+
+
+@pytest.fixture(scope="session")
 def photos():
     """Real photographs as RGB uint8 frames, 320 px wide (name -> frame)."""
     from ros2_nanovlm.camera_player import load_photo

@@ -13,9 +13,9 @@ from ros2_nanovlm.engine import EngineConfig, InvalidInput, ModelLoadError, Turn
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "ros2_nanovlm" / "engine"
 
 
-@pytest.fixture(params=["llava", "llava_next"])
-def engine(request, tiny_llava, tiny_llava_next):
-    path = tiny_llava if request.param == "llava" else tiny_llava_next
+@pytest.fixture(params=["llava", "llava_next", "llava_stablelm"])
+def engine(request, tiny_llava, tiny_llava_next, tiny_llava_stablelm):
+    path = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_stablelm": tiny_llava_stablelm}[request.param]
     return VLMEngine.load(EngineConfig(model_path=str(path), device="cpu", max_new_tokens=12))
 
 
@@ -152,6 +152,20 @@ def test_json_mode_extracts_the_first_object(tiny_llava, photos):
     # A random model writes no JSON: the answer says why instead of failing silently.
     assert answer.json == ""
     assert "no" in answer.json_error and "JSON" in answer.json_error
+
+
+def test_fast_path_runs_llama_and_says_why_not_for_stablelm(tiny_llava, tiny_llava_stablelm):
+    """StableLM (Obsidian-3B's language model) runs through transformers: the GPU fast path's
+    gate must refuse it with a reason, and accept the Llama of LLaVA-1.5."""
+    import json
+
+    from ros2_nanovlm.engine.cuda.support import unsupported_reason
+
+    def text_config(path):
+        return json.loads((path / "config.json").read_text())["text_config"]
+
+    assert unsupported_reason(text_config(tiny_llava)) == ""
+    assert "stablelm" in unsupported_reason(text_config(tiny_llava_stablelm))
 
 
 def test_engine_imports_nothing_from_ros():

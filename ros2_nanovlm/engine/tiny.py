@@ -58,8 +58,13 @@ def byte_level_tokenizer(vocab_size: int = 0):
     )
 
 
-def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, seed: int = 0) -> Path:
-    """Write a tiny random LLaVA (or LLaVA-NeXT) model with its processor to `output_dir`."""
+TEXT_MODELS = ("llama", "stablelm")
+
+
+def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, text_model: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny random LLaVA (or LLaVA-NeXT) model with its processor to `output_dir`.
+    text_model "stablelm": a StableLM language model (LayerNorm, partial rotary), the
+    Obsidian-3B layout, which the GPU fast path does not run (transformers does)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -72,6 +77,7 @@ def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, seed: 
         LlavaNextImageProcessorPil,
         LlavaNextProcessor,
         LlavaProcessor,
+        StableLmConfig,
     )
 
     output_dir = Path(output_dir)
@@ -87,7 +93,10 @@ def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, seed: 
         patch_size=patch_size,
         projection_dim=32,
     )
-    text = LlamaConfig(
+    if text_model not in TEXT_MODELS:
+        raise ValueError(f"text_model must be one of {TEXT_MODELS}, not {text_model!r}")
+    text_config_class = LlamaConfig if text_model == "llama" else StableLmConfig
+    text = text_config_class(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -145,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
     parser.add_argument("--llava-next", action="store_true", help="LLaVA-1.6 (any-resolution) layout")
+    parser.add_argument("--text-model", choices=TEXT_MODELS, default="llama")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = build_tiny_llava(args.output_dir, llava_next=args.llava_next, seed=args.seed)
+    path = build_tiny_llava(args.output_dir, llava_next=args.llava_next, text_model=args.text_model, seed=args.seed)
     print(json.dumps({"model": str(path)}))
 
 
