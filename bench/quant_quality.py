@@ -8,6 +8,13 @@ through the same quantize/dequantize functions the GPU kernels are checked again
   greedy_agreement            fraction of 32 greedy tokens equal to the float model's, per prompt
   perplexity_ratio            perplexity(4-bit) / perplexity(float)
 
+The "float" reference is itself 4-bit: the only SmolLM2 weights to be had here are a Q4_1 GGUF
+(groups of 32, 16 levels each). Re-rounding them onto any other grid moves nearly every weight,
+so `reference_grid_sensitivity` measures plain b-bit round-to-nearest at several bit widths and
+groups on the same texts: it shows how much of the loss is the reference's own grid (5-bit
+rounding loses more than 4-bit at group 32, whose grid is the reference's) rather than our
+quantizer.
+
     python bench/quant_quality.py [--out bench/results/quantization-quality.json]
 """
 from __future__ import annotations
@@ -90,6 +97,31 @@ def quantize_model_(model, include_lm_head: bool, preferred_group: int = 128, in
     return groups
 
 
+def round_trip_bits(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Plain min-max b-bit round-to-nearest per group, float32 (a yardstick, not our format)."""
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    levels = 2**bits - 1
+    step = ((high - low) / levels).clamp(min=1e-8)
+    return (torch.round((groups - low) / step).clamp(0, levels) * step + low).reshape(rows, columns)
+
+
+def grid_sensitivity(reference: dict, bit_widths=(4, 5, 6, 8), groups=(32, 64)) -> dict:
+    """Top-1 agreement and perplexity ratio of b-bit RTN of every decoder linear, per (bits, group)."""
+    rows = {}
+    for bits in bit_widths:
+        for group in groups:
+            model, tokenizer = load_smollm2()
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.data = round_trip_bits(module.weight.data, bits, group)
+            result = agreement(evaluate(model, tokenizer), reference)
+            rows[f"{bits}bit_g{group}"] = {key: result[key] for key in ("next_token_top1_agreement", "perplexity_ratio")}
+            print(f"{bits}-bit g{group}", rows[f"{bits}bit_g{group}"], flush=True)
+    return rows
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, reference=None) -> dict:
     logits_all, nll, count = [], 0.0, 0
@@ -151,6 +183,7 @@ def main() -> None:
         groups = quantize_model_(model, include_lm_head, group, int8_vocabulary)
         report[label] = {"group_sizes": {str(k): v for k, v in groups.items()}, **agreement(evaluate(model, tokenizer), reference)}
         print(label, {k: v for k, v in report[label].items() if k != "greedy_agreement_per_prompt"}, flush=True)
+    report["reference_grid_sensitivity"] = grid_sensitivity(reference)
     report["seconds"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
