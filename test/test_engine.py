@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,6 @@ def test_json_mode_extracts_the_first_object(tiny_llava, photos):
 def test_fast_path_runs_llama_and_says_why_not_for_stablelm(tiny_llava, tiny_llava_stablelm):
     """StableLM (Obsidian-3B's language model) runs through transformers: the GPU fast path's
     gate must refuse it with a reason, and accept the Llama of LLaVA-1.5."""
-    import json
-
     from ros2_nanovlm.engine.cuda.support import unsupported_reason
 
     def text_config(path):
