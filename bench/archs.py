@@ -3,6 +3,7 @@
 Speed does not depend on weight values; only the shapes must be real. The tokenizer is the
 tiny models' byte-level one padded to a 32000-token vocabulary, with LLaVA-1.5's template.
 """
+
 from __future__ import annotations
 
 import torch

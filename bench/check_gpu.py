@@ -4,6 +4,7 @@
     python bench/check_gpu.py [--out results/check-gpu.json]
 Exits non-zero when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
-from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, graph_time_us  # noqa: E402
-from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
-from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
+from ros2_nanovlm.engine.cuda import kernels
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, graph_time_us
+from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4
+from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows
 
 DEVICE = torch.device("cuda")
 failures: list[str] = []
@@ -70,7 +71,11 @@ def check_steps_started_ahead(lm, embeds, first: int, label: str) -> None:
 
 def check_kernels() -> None:
     torch.manual_seed(0)
-    for name, (n, k, gated) in {"qkv": (12288, 4096, False), "gate_up": (22016, 4096, True), "down": (4096, 11008, False)}.items():
+    for name, (n, k, gated) in {
+        "qkv": (12288, 4096, False),
+        "gate_up": (22016, 4096, True),
+        "down": (4096, 11008, False),
+    }.items():
         weight = torch.randn(n, k, device=DEVICE) * 0.02
         packed = quantize_int4(weight)
         x = torch.randn(k, device=DEVICE, dtype=torch.float16)
@@ -78,7 +83,9 @@ def check_kernels() -> None:
         if gated:
             reference = F.silu(reference[: n // 2]) * reference[n // 2 :]
         for config in ((1, 128, 1, 1, 0), (4, 256, 1, 1, 0), (8, 128, 2, 1, 0), (16, 128, 1, 1, 24)):
-            out = kernels.w4_gemv(x, packed, out=torch.full_like(reference, float("nan")).half(), gated=gated, config=config)
+            out = kernels.w4_gemv(
+                x, packed, out=torch.full_like(reference, float("nan")).half(), gated=gated, config=config
+            )
             check(f"w4_gemv {name} {n}x{k} {config}", out, reference, 2e-3)
         for config in ((4, 128, 1, 2, 0), (8, 128, 1, 4, 24)) if not gated else ():
             partials = torch.full((config[3], n), float("nan"), device=DEVICE)
@@ -116,7 +123,12 @@ def measure_gemv_bandwidth() -> None:
     # Eight different matrices of each shape in turn, so the weights stream from memory as in a
     # decode step (one matrix alone would sit in the 50 MB L2 cache).
     copies = 8
-    for name, (n, k) in {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}.items():
+    for name, (n, k) in {
+        "qkv": (12288, 4096),
+        "o": (4096, 4096),
+        "gate_up": (22016, 4096),
+        "down": (4096, 11008),
+    }.items():
         gated, split = name == "gate_up", name in ("o", "down")
         weights = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02 for _ in range(copies)]
         packed = [quantize_int4(weight) for weight in weights]
@@ -170,7 +182,12 @@ def measure_gemlite() -> None:
     if config.is_file():
         gemlite.load_config(str(config))
     rows = {}
-    for name, (n, k) in {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}.items():
+    for name, (n, k) in {
+        "qkv": (12288, 4096),
+        "o": (4096, 4096),
+        "gate_up": (22016, 4096),
+        "down": (4096, 11008),
+    }.items():
         try:
             q = torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.uint8)
             scales = torch.rand(n, k // 128, device=DEVICE, dtype=torch.float16) * 0.01
@@ -249,8 +266,14 @@ def profile_decode() -> None:
         return quantize_int4(torch.randn(n, k, device=DEVICE, dtype=half) * 0.02)
 
     layers = [
-        LayerWeights(torch.ones(4096, device=DEVICE, dtype=half), int4(12288, 4096), int4(4096, 4096),
-                     torch.ones(4096, device=DEVICE, dtype=half), int4(22016, 4096), int4(4096, 11008))  # fmt: skip
+        LayerWeights(
+            torch.ones(4096, device=DEVICE, dtype=half),
+            int4(12288, 4096),
+            int4(4096, 4096),
+            torch.ones(4096, device=DEVICE, dtype=half),
+            int4(22016, 4096),
+            int4(4096, 11008),
+        )
         for _ in range(32)
     ]
     lm = FastLlama(config, embed_tokens=quantize_int8_rows(torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02),
@@ -258,7 +281,10 @@ def profile_decode() -> None:
                    lm_head=quantize_int8_rows(torch.randn(32064, 4096, device=DEVICE, dtype=half) * 0.02),
                    layers=layers, max_tokens=1024, device=DEVICE)  # fmt: skip
     lm.capture()
-    profile = {"gemv_configs": {str(k): v for k, v in lm._gemv_configs.items()}, "partial_configs": dict(lm._partial_configs)}
+    profile = {
+        "gemv_configs": {str(k): v for k, v in lm._gemv_configs.items()},
+        "partial_configs": dict(lm._partial_configs),
+    }
     profile["graph_replay_ms"] = replay_ms(lm)
     if kernels.pdl_enabled(DEVICE):  # the same step captured without programmatic dependent launch
         saved_k, saved_v = lm.k_cache.clone(), lm.v_cache.clone()
@@ -303,7 +329,9 @@ def profile_decode() -> None:
     profile["decode_step_started_ahead_ms"] = (_time.perf_counter() - began) * 1000 / 100
     q = torch.randn(32, 128, device=DEVICE, dtype=half)
     out = torch.empty_like(q)
-    profile["attention_x32_us"] = 32 * graph_time_us(lambda: kernels.decode_attention(q, lm.k_cache[0], lm.v_cache[0], lm._length, out))
+    profile["attention_x32_us"] = 32 * graph_time_us(
+        lambda: kernels.decode_attention(q, lm.k_cache[0], lm.v_cache[0], lm._length, out)
+    )
     x = torch.randn(4096, device=DEVICE, dtype=half)
     profile["rmsnorm_x65_us"] = 65 * graph_time_us(lambda: kernels.rmsnorm(x, layers[0].input_norm, 1e-5, out=lm._h))
     qkv = torch.randn(1, 12288, device=DEVICE, dtype=half)
@@ -318,10 +346,12 @@ def profile_decode() -> None:
         weights = [getattr(layer, name) for layer in layers]
         inputs = x if weights[0].in_features == 4096 else lm._act
         if name in ("o", "down"):
+
             def every_layer(weights=weights, inputs=inputs, name=name):
                 for weight in weights:
                     lm._gemv_partials(inputs, weight, name)
         else:
+
             def every_layer(weights=weights, inputs=inputs, gated=gated):
                 for weight in weights:
                     lm._gemv(inputs, weight, lm._qkv if not gated else lm._act, gated=gated)

@@ -11,6 +11,7 @@ tiny random LLaVA, which `python -m ros2_nanovlm.engine.tiny DIR` still builds).
 
 Writes bench/results/cpu-path-ab.json: median ms per answer phase, per checkout and round.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +57,18 @@ def main() -> None:
     old = str(Path(args.old).resolve())
 
     def commit(repo):
-        return subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
 
     report = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "python": platform.python_version(),
               "old": commit(old), "new": commit(str(REPO)), "model": args.model or "default", "rounds": []}  # fmt: skip
     for round in range(args.rounds):
         row = {}
         for label, repo in (("old", old), ("new", str(REPO))):
-            output = subprocess.run([sys.executable, "-c", MEASURE, repo, args.model], capture_output=True, text=True, check=True).stdout
+            output = subprocess.run(
+                [sys.executable, "-c", MEASURE, repo, args.model], capture_output=True, text=True, check=True
+            ).stdout
             row[label] = json.loads(output.strip().splitlines()[-1])
         report["rounds"].append(row)
         print(json.dumps(row), flush=True)

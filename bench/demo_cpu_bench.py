@@ -7,6 +7,7 @@ Writes bench/results/demo-cpu.json and .md: load time, vision ms, prefill ms, de
 every photo with the encoder's own ImageNet top-1, and frames per second through the node
 (camera at 10 Hz, node rate 0 = as fast as it goes) over real ROS 2 on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,12 @@ QUESTION = "What is in the image?"
 
 def engine_figures() -> dict:
     import torch
+    from subjects import SUBJECTS, names_subject
 
     from ros2_nanovlm.camera_player import load_photo
     from ros2_nanovlm.default_model import ensure_default_model
     from ros2_nanovlm.engine import EngineConfig, VLMEngine
     from ros2_nanovlm.engine.demo_model.efficientnet_lite import load_imagenet_classes, short_class_name
-    from subjects import SUBJECTS, names_subject
 
     started = time.perf_counter()
     model_path = ensure_default_model()
@@ -95,7 +96,6 @@ def node_fps(seconds: float) -> dict:
                              "-p", "prompt:=What is in the image?"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     rclpy.init()
     from nanovlm.msg import VLMResult
-
     from ros2_nanovlm.camera_player import CameraPlayer
 
     results = []

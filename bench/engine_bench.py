@@ -14,6 +14,7 @@ For each architecture (real shapes, random weights) and mode it measures, batch 
   bandwidth_fraction  weight bytes read per decoded token * decode_tok_s / peak memory bandwidth
 Medians over repeats after warm-up; figures go to bench/results/engine-<device>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import archs  # noqa: E402
-from ros2_nanovlm.engine import EngineConfig, Turn, VLMEngine  # noqa: E402
-from ros2_nanovlm.engine.hf.backend import TransformersBackend  # noqa: E402
+import archs
+
+from ros2_nanovlm.engine import EngineConfig, Turn, VLMEngine
+from ros2_nanovlm.engine.hf.backend import TransformersBackend
 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheet figures
 # LLaVA-1.5's template with no system prompt and a short yes/no question: 576 image tokens and
@@ -85,14 +87,18 @@ def bench_baseline(model, processor, repeats: int) -> dict:
         return processor(text=text, images=frame, return_tensors="pt").to("cuda", torch.float16)
 
     def vision():
-        pixel_values = processor.image_processor(images=next(pool), return_tensors="pt")["pixel_values"].to("cuda", torch.float16)
+        pixel_values = processor.image_processor(images=next(pool), return_tensors="pt")["pixel_values"].to(
+            "cuda", torch.float16
+        )
         model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
                                        vision_feature_select_strategy=config.vision_feature_select_strategy)  # fmt: skip
 
     inputs = inputs_for(next(pool))
     prompt_tokens = inputs["input_ids"].shape[1]
     with torch.inference_mode():
-        embeds = model.get_input_embeddings()(inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, 0))
+        embeds = model.get_input_embeddings()(
+            inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, 0)
+        )
 
         def prefill():
             model(inputs_embeds=embeds, logits_to_keep=1)
@@ -100,7 +106,7 @@ def bench_baseline(model, processor, repeats: int) -> dict:
         def generate(new_tokens, frame=None):
             batch = inputs if frame is None else inputs_for(frame)
             out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            return tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
         result = {
             "vision_ms": median_ms(vision, repeats),
@@ -119,7 +125,10 @@ def bench_baseline(model, processor, repeats: int) -> dict:
         generate(3, next(pool))
     result["peak_gpu_gb"] = torch.cuda.max_memory_reserved() / 1e9
     result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    result["weight_bytes_per_token"] = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel() * 2
+    result["weight_bytes_per_token"] = (
+        sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+        + model.lm_head.weight.numel() * 2
+    )
     return result
 
 
@@ -129,6 +138,7 @@ def bench_baseline(model, processor, repeats: int) -> dict:
 def memory_breakdown(backend, lm) -> dict:
     """GB of what the engine holds on the GPU, by part; `other` is the rest of torch's reserve
     (CUDA-graph pools, cuBLAS workspaces, the caching allocator's slack)."""
+
     def gb(tensors):
         return sum(t.numel() * t.element_size() for t in tensors) / 1e9
 
@@ -158,7 +168,9 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     lm = backend.lm
 
     def ask(new_tokens, frame=None):
-        return engine.ask(QUESTION, next(pool) if frame is None else frame, system_prompt=SYSTEM, max_new_tokens=new_tokens)
+        return engine.ask(
+            QUESTION, next(pool) if frame is None else frame, system_prompt=SYSTEM, max_new_tokens=new_tokens
+        )
 
     first = ask(1)
     prompt_tokens = first.prompt_tokens
@@ -251,7 +263,11 @@ def main() -> None:
         baseline = modes.get("baseline_transformers_fp16")
         if baseline and "error" not in modes["ours_int4"]:
             modes["speedup_ours_int4_over_baseline"] = {
-                key: (baseline[key] / modes["ours_int4"][key] if key.endswith("_ms") else modes["ours_int4"][key] / baseline[key])
+                key: (
+                    baseline[key] / modes["ours_int4"][key]
+                    if key.endswith("_ms")
+                    else modes["ours_int4"][key] / baseline[key]
+                )
                 for key in ("vision_ms", "prefill_ms", "decode_tok_s", "answer_1tok_ms", "answer_3tok_ms")
             }
         results["archs"][name] = modes
@@ -273,7 +289,15 @@ def write_results(results: dict, quality_file: str) -> None:
 
 
 def markdown_table(results: dict) -> str:
-    keys = ("vision_ms", "prefill_ms", "decode_tok_s", "answer_1tok_ms", "answer_3tok_ms", "peak_gpu_gb", "bandwidth_fraction")
+    keys = (
+        "vision_ms",
+        "prefill_ms",
+        "decode_tok_s",
+        "answer_1tok_ms",
+        "answer_3tok_ms",
+        "peak_gpu_gb",
+        "bandwidth_fraction",
+    )
     lines = [f"# Engine benchmark on {results['device']}", "",
              f"torch {results['torch']}, transformers {results['transformers']}, triton {results['triton']}; "
              f"batch 1, random weights of the real architectures, KV cache {results['context_tokens']} tokens (ours).", "",

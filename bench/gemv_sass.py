@@ -6,6 +6,7 @@ count predicts its speed (bench/NOTES.md, run 10).
 
     python bench/gemv_sass.py [--sass-dir DIR]   # DIR gets the full SASS listings
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ from triton.tools.disasm import get_sass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
+from ros2_nanovlm.engine.cuda import kernels
 
 SIGNATURE = {"x_ptr": "*fp16", "packed_ptr": "*i32", "scales_ptr": "*fp16", "offsets_ptr": "*fp16",
              "out_ptr": "*fp16", "N_OUT": "i32", "one_bits": "i32"}  # fmt: skip
@@ -40,9 +41,11 @@ def compile_gemv(k: int, gated: bool, partials: bool, config, half2: bool = True
     constants = dict(BLOCKS_PER_PROGRAM=1, K=k, GROUP=128, BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k,
                      GATED=gated, PARTIALS=partials, HALF2=half2, PDL=True)  # fmt: skip
     function = kernels._w4_gemv_kernel
-    signature = dict(SIGNATURE, **{name: "constexpr" for name in constants})
+    signature = dict(SIGNATURE, **dict.fromkeys(constants, "constexpr"))
     # the run time specializes 16-byte-aligned pointers; without this the loads are not vectorized
-    attributes = {(function.arg_names.index(name),): [["tt.divisibility", 16]] for name in SIGNATURE if name != "one_bits"}
+    attributes = {
+        (function.arg_names.index(name),): [["tt.divisibility", 16]] for name in SIGNATURE if name != "one_bits"
+    }
     source = ASTSource(fn=function, signature=signature, attrs=attributes,
                        constexprs={(function.arg_names.index(name),): value for name, value in constants.items()})  # fmt: skip
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -86,7 +89,9 @@ def main() -> None:
         weights_per_thread = block_n * (2 if gated else 1) * block_w * 8 / (32 * warps)
         loads = ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()) if op.startswith("LDG"))
         shared = sum(n for op, n in counts.items() if op.startswith(("LDS", "STS", "BAR")))
-        print(f"{label:8s} {str(config):19s} {len(loop):10d}  {len(loop) / weights_per_thread:10.2f}  {loads:37s} {shared}")
+        print(
+            f"{label:8s} {config!s:19s} {len(loop):10d}  {len(loop) / weights_per_thread:10.2f}  {loads:37s} {shared}"
+        )
 
 
 if __name__ == "__main__":

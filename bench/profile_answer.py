@@ -3,6 +3,7 @@ of TransformersBackend.generate timed one by one, each bracketed by torch.cuda.s
 
     python bench/profile_answer.py [arch, default llava-1.5-7b]
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import archs  # noqa: E402
-from engine_bench import QUESTION, SYSTEM, frames  # noqa: E402
-from ros2_nanovlm.engine import EngineConfig, Turn, VLMEngine  # noqa: E402
-from ros2_nanovlm.engine.frames import frame_digest  # noqa: E402
-from ros2_nanovlm.engine.hf.backend import TransformersBackend  # noqa: E402
+import archs
+from engine_bench import QUESTION, SYSTEM, frames
+
+from ros2_nanovlm.engine import EngineConfig, Turn, VLMEngine
+from ros2_nanovlm.engine.frames import frame_digest
+from ros2_nanovlm.engine.hf.backend import TransformersBackend
 
 
 def main():
@@ -46,8 +48,11 @@ def main():
         frame = next(pool)
         clock("digest", lambda: frame_digest(frame))
         features = clock("vision", lambda: backend.encode_image(frame))
-        prompt = clock("tokenize", lambda: backend.prompter.tokenize(SYSTEM, (Turn("user", QUESTION, frame),), [("d%d" % index, len(features))]))
-        embeds = clock("embeddings", lambda: backend._prompt_embeddings(prompt, 6, {"d%d" % index: features}))
+        prompt = clock(
+            "tokenize",
+            lambda: backend.prompter.tokenize(SYSTEM, (Turn("user", QUESTION, frame),), [(f"d{index}", len(features))]),
+        )
+        embeds = clock("embeddings", lambda: backend._prompt_embeddings(prompt, 6, {f"d{index}": features}))
         with torch.inference_mode():
             clock("prefill", lambda: backend.lm.prefill(embeds, 6))
         clock("engine_total", lambda: engine.ask(QUESTION, next(pool), system_prompt=SYSTEM, max_new_tokens=1))

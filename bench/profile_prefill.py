@@ -3,6 +3,7 @@ a prefix is reused (attention masks) versus prefilled from position 0.
 
     python bench/profile_prefill.py
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
-from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, LayerWeights  # noqa: E402
-from ros2_nanovlm.engine.quant.int4 import quantize_int4  # noqa: E402
+from ros2_nanovlm.engine.cuda import kernels
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, LayerWeights
+from ros2_nanovlm.engine.quant.int4 import quantize_int4
 
 DEVICE = torch.device("cuda")
 
@@ -64,7 +65,13 @@ def main():
     h = torch.randn(617, 4096, device=DEVICE, dtype=half)
     scratch = torch.empty(22016 * 4096 // 2 + 4096 * 4096, device=DEVICE, dtype=half)
     half_rows = layer.gate_up.out_features // 2
-    mats = [layer.qkv, layer.o, layer.gate_up.rows(0, half_rows), layer.gate_up.rows(half_rows, 2 * half_rows), layer.down]
+    mats = [
+        layer.qkv,
+        layer.o,
+        layer.gate_up.rows(0, half_rows),
+        layer.gate_up.rows(half_rows, 2 * half_rows),
+        layer.down,
+    ]
 
     def dequant_all():
         for w in mats:
@@ -80,7 +87,9 @@ def main():
     from torch.nn.attention.bias import causal_lower_right
 
     result["sdpa_bool_mask_x32_ms"] = 32 * timed_ms(lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=mask))
-    result["sdpa_lower_right_x32_ms"] = 32 * timed_ms(lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(617, 623)))
+    result["sdpa_lower_right_x32_ms"] = 32 * timed_ms(
+        lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(617, 623))
+    )
     qc = torch.randn(1, 32, 623, 128, device=DEVICE, dtype=half)
     result["sdpa_causal_623_x32_ms"] = 32 * timed_ms(lambda: F.scaled_dot_product_attention(qc, k, k, is_causal=True))
     print(json.dumps(result, indent=1))

@@ -17,6 +17,7 @@ quantizer.
 
     python bench/quant_quality.py [--out bench/results/quantization-quality.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ros2_nanovlm.engine.quant.int4 import dequantize_int4, group_size_for, quantize_int4  # noqa: E402
-from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
+from ros2_nanovlm.engine.quant.int4 import dequantize_int4, group_size_for, quantize_int4
+from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows
 
 TEXTS = [
     "The robot drove slowly along the corridor, scanning the floor for obstacles before turning into the kitchen.",
@@ -117,7 +118,9 @@ def grid_sensitivity(reference: dict, bit_widths=(4, 5, 6, 8), groups=(32, 64)) 
                 if isinstance(module, torch.nn.Linear):
                     module.weight.data = round_trip_bits(module.weight.data, bits, group)
             result = agreement(evaluate(model, tokenizer), reference)
-            rows[f"{bits}bit_g{group}"] = {key: result[key] for key in ("next_token_top1_agreement", "perplexity_ratio")}
+            rows[f"{bits}bit_g{group}"] = {
+                key: result[key] for key in ("next_token_top1_agreement", "perplexity_ratio")
+            }
             print(f"{bits}-bit g{group}", rows[f"{bits}bit_g{group}"], flush=True)
     return rows
 
@@ -133,10 +136,12 @@ def evaluate(model, tokenizer, reference=None) -> dict:
         count += ids.shape[1] - 1
     continuations = []
     for prompt in PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        continuations.append(out[0, ids.shape[1]:])
+        continuations.append(out[0, ids.shape[1] :])
     result = {"perplexity": float(torch.exp(torch.tensor(nll / count))), "tokens": count,
               "argmax": logits_all, "continuations": continuations}  # fmt: skip
     return result
@@ -181,7 +186,10 @@ def main() -> None:
     for label, (include_lm_head, group, int8_vocabulary) in variants.items():
         model, tokenizer = load_smollm2()
         groups = quantize_model_(model, include_lm_head, group, int8_vocabulary)
-        report[label] = {"group_sizes": {str(k): v for k, v in groups.items()}, **agreement(evaluate(model, tokenizer), reference)}
+        report[label] = {
+            "group_sizes": {str(k): v for k, v in groups.items()},
+            **agreement(evaluate(model, tokenizer), reference),
+        }
         print(label, {k: v for k, v in report[label].items() if k != "greedy_agreement_per_prompt"}, flush=True)
     report["reference_grid_sensitivity"] = grid_sensitivity(reference)
     report["seconds"] = time.perf_counter() - started

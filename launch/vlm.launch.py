@@ -5,12 +5,14 @@
 
 Launch arguments left empty keep the value from params_file (config/vlm.yaml by default).
 """
+
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch_ros.actions import Node
+
+from launch import LaunchDescription
 
 SHARE = get_package_share_directory("nanovlm")
 
@@ -48,10 +50,18 @@ def node_with_overrides(context):
 def generate_launch_description():
     return LaunchDescription(
         [
-            DeclareLaunchArgument("model", default_value="", description="LLaVA model directory; empty = params_file's"),
-            DeclareLaunchArgument("image_topic", default_value="/camera/image_raw", description="Camera topic (sensor_msgs/Image)"),
-            DeclareLaunchArgument("prompt", default_value="", description="Question asked about each frame; empty = params_file's"),
-            DeclareLaunchArgument("rate", default_value="", description="Frames answered per second at most; empty = params_file's"),
+            DeclareLaunchArgument(
+                "model", default_value="", description="LLaVA model directory; empty = params_file's"
+            ),
+            DeclareLaunchArgument(
+                "image_topic", default_value="/camera/image_raw", description="Camera topic (sensor_msgs/Image)"
+            ),
+            DeclareLaunchArgument(
+                "prompt", default_value="", description="Question asked about each frame; empty = params_file's"
+            ),
+            DeclareLaunchArgument(
+                "rate", default_value="", description="Frames answered per second at most; empty = params_file's"
+            ),
             DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
             DeclareLaunchArgument(
                 "params_file",

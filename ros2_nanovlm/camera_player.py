@@ -1,7 +1,8 @@
 """A camera stand-in: plays photographs as a sensor_msgs/Image stream at a fixed rate.
 
-    nanovlm-camera --ros-args -p rate:=10.0 -p encoding:=bgr8 -r image:=/camera/image_raw
+nanovlm-camera --ros-args -p rate:=10.0 -p encoding:=bgr8 -r image:=/camera/image_raw
 """
+
 from __future__ import annotations
 
 import collections
@@ -14,7 +15,6 @@ from sensor_msgs.msg import CompressedImage, Image
 from .image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 from .resources import bundled_photos_dir, list_photos
 from .ros_entry import spin_node
-
 
 SENT_STAMPS_KEPT = 1000
 
@@ -58,9 +58,7 @@ class CameraPlayer(Node):
         # bounded, since the player may run for days
         self.sent_stamps: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         self._timer = self.create_timer(1.0 / rate, self._publish_next)
-        self.get_logger().info(
-            f"playing {len(self.photos)} photos from {source} at {rate} Hz as {self._encoding}"
-        )
+        self.get_logger().info(f"playing {len(self.photos)} photos from {source} at {rate} Hz as {self._encoding}")
 
     def _publish_next(self) -> None:
         if self._count and self.sent >= self._count:

@@ -5,6 +5,7 @@ training/train_projector.py -> SmolLM2-135M-Instruct, assembled on first use (ab
 two PyPI weight packages into $NANOVLM_HOME/models. It names the main subject of a photo; it
 cannot read signs, count or reason. Pass a LLaVA directory for a real general-purpose VLM.
 """
+
 from __future__ import annotations
 
 import shutil

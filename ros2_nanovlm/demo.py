@@ -6,6 +6,7 @@ file), plays the bundled photographs on its `image` topic and listens to `result
 
     nanovlm-demo [--frames 9] [--model DIR] [--prompt "..."] [--encoding bgr8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     # Full-size frames need larger DDS buffers than Fast DDS's defaults (see the profile's comment).
-    os.environ.setdefault(
-        "FASTDDS_DEFAULT_PROFILES_FILE", str(package_file("config", "fastdds_large_images.xml"))
-    )
+    os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(package_file("config", "fastdds_large_images.xml")))
     model_path = args.model
     if not model_path:
         print(f"Building/loading the embedded default model: {DEFAULT_MODEL_DESCRIPTION}.", flush=True)
@@ -73,12 +72,9 @@ def main(argv=None) -> int:
     node_process = start_node(args, model_path)
     rclpy.init()
     from nanovlm.msg import VLMResult  # after init: the ROS libraries are in place
-
-    from .camera_player import CameraPlayer
-
     from nanovlm.srv import Query
 
-    from .camera_player import load_photo
+    from .camera_player import CameraPlayer, load_photo
     from .image_conversion import rgb_to_image_msg
 
     executor = SingleThreadedExecutor()

@@ -4,6 +4,7 @@ A plain numpy/opencv converter instead of cv_bridge: cv_bridge is not installabl
 and the engine wants RGB uint8 whatever the camera sends. Every rejected message gets an
 ImageConversionError whose text says what was wrong.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -33,9 +34,7 @@ def is_empty(msg: Image) -> bool:
 def check_image_msg(msg: Image, max_pixels: int) -> None:
     """Cheap checks of the header fields and the buffer size, without touching the pixels."""
     if msg.encoding not in ENCODINGS:
-        raise ImageConversionError(
-            f"unsupported image encoding '{msg.encoding}'; supported: {SUPPORTED}"
-        )
+        raise ImageConversionError(f"unsupported image encoding '{msg.encoding}'; supported: {SUPPORTED}")
     if msg.width == 0 or msg.height == 0:
         raise ImageConversionError(f"image is empty ({msg.width}x{msg.height})")
     pixels = msg.width * msg.height
@@ -46,13 +45,9 @@ def check_image_msg(msg: Image, max_pixels: int) -> None:
     channels, _ = ENCODINGS[msg.encoding]
     row_bytes = msg.width * channels
     if msg.step < row_bytes:
-        raise ImageConversionError(
-            f"step {msg.step} is smaller than width * channels = {row_bytes} for {msg.encoding}"
-        )
+        raise ImageConversionError(f"step {msg.step} is smaller than width * channels = {row_bytes} for {msg.encoding}")
     if len(msg.data) != msg.step * msg.height:
-        raise ImageConversionError(
-            f"data holds {len(msg.data)} bytes, but step * height = {msg.step * msg.height}"
-        )
+        raise ImageConversionError(f"data holds {len(msg.data)} bytes, but step * height = {msg.step * msg.height}")
 
 
 def image_msg_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:

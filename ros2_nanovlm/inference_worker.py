@@ -4,13 +4,15 @@ Two kinds of work: tasks (queries, model loads) wait in a bounded FIFO and alway
 camera frames do not queue at all: one slot holds the newest, a newer frame replaces it (the
 old one is counted as dropped), and the slot is emptied at most `rate` times a second.
 """
+
 from __future__ import annotations
 
 import collections
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 
 class WorkerBusy(RuntimeError):

@@ -4,12 +4,13 @@ A thin adapter: it turns messages into frames, parameters into an EngineConfig a
 messages. The model runs on one worker thread (inference_worker.py), so the executor keeps
 serving subscriptions, the service and parameter changes while the model is busy.
 """
+
 from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 
@@ -17,12 +18,12 @@ try:  # Jazzy and later
     from rclpy.event_handler import SubscriptionEventCallbacks
 except ImportError:  # Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.subscription import Subscription
-from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
@@ -94,9 +95,7 @@ class VLMNode(Node):
                 qos_overriding_options=QoSOverridingOptions.with_default_policies(),
             )
         # Reentrant: several callers may wait for their answers at once.
-        self.create_service(
-            Query, "query", self._query_callback, callback_group=ReentrantCallbackGroup()
-        )
+        self.create_service(Query, "query", self._query_callback, callback_group=ReentrantCallbackGroup())
         self.add_on_set_parameters_callback(self._validate_parameters)
         if hasattr(self, "add_post_set_parameters_callback"):
             self.add_post_set_parameters_callback(self._apply_parameters)
@@ -114,9 +113,7 @@ class VLMNode(Node):
                 value = self.declare_parameter(spec.name, spec.default, spec.descriptor()).value
             except Exception as error:  # noqa: BLE001 - rclpy raises several types here
                 self.get_logger().error(f"{spec.name}: {error}; using the default {spec.default!r}")
-                value = self.declare_parameter(
-                    spec.name, spec.default, spec.descriptor(), ignore_override=True
-                ).value
+                value = self.declare_parameter(spec.name, spec.default, spec.descriptor(), ignore_override=True).value
             if spec.name == "max_prompt_chars":
                 max_prompt_chars = value
         for spec in parameters.SPECS:
@@ -293,9 +290,7 @@ class VLMNode(Node):
                 return response
         response.header = frame_msg.header
         try:
-            future = self._worker.submit(
-                lambda: self._ask(frame_msg, request.prompt, request.max_new_tokens)
-            )
+            future = self._worker.submit(lambda: self._ask(frame_msg, request.prompt, request.max_new_tokens))
         except WorkerBusy as error:
             response.error = f"busy: {error}"
             return response

@@ -5,6 +5,7 @@ Ranges and read-only flags go into the ParameterDescriptor, so rclpy enforces th
 existing model directory, a known device) are in `check()`, used for the initial values and by
 the node's on-set callback.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from .engine.config import DTYPES, DEVICES_HELP, is_valid_device
+from .engine.config import DEVICES_HELP, DTYPES, is_valid_device
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,11 @@ class Spec:
     high: float | None = None
 
     def descriptor(self) -> ParameterDescriptor:
-        descriptor = ParameterDescriptor(
-            name=self.name, description=self.description, read_only=self.read_only
-        )
+        descriptor = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
         if self.low is not None and isinstance(self.default, float):
-            descriptor.floating_point_range = [
-                FloatingPointRange(from_value=self.low, to_value=self.high, step=0.0)
-            ]
+            descriptor.floating_point_range = [FloatingPointRange(from_value=self.low, to_value=self.high, step=0.0)]
         elif self.low is not None:
-            descriptor.integer_range = [
-                IntegerRange(from_value=int(self.low), to_value=int(self.high), step=0)
-            ]
+            descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=0)]
         return descriptor
 
 

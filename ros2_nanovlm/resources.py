@@ -1,5 +1,6 @@
 """Files nanovlm ships beside its code (config/, data/images/): in share/nanovlm once installed
 with ament, at the root of the source tree when run from a checkout or a pip install -e."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,9 @@
 """The main() of every nanovlm node: init, spin, and a clean shutdown on Ctrl-C or SIGINT
 (try/finally with rclpy.try_shutdown works on Humble, Jazzy and Kilted alike)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor

@@ -7,10 +7,11 @@ stream in CI. Every message carries its publisher's sequence number (rmw Message
 jump from n to n + k means k - 1 frames went missing, whatever the cause.
 No ROS imports: the node passes in what rclpy's MessageInfo holds.
 """
+
 from __future__ import annotations
 
 import collections
-from typing import Hashable
+from collections.abc import Hashable
 
 
 class SequenceGaps:

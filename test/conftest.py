@@ -1,5 +1,6 @@
 """Shared fixtures. Every test run gets its own ROS domain, kept on this machine, and its own
 NANOVLM_HOME, so parallel runs and other ROS systems on the host cannot interfere."""
+
 from __future__ import annotations
 
 import os

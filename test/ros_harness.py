@@ -1,5 +1,6 @@
 """Process-level test harness: the node runs in its own process, started as the launch file
 starts it (same params file); the test talks to it over real ROS 2 from a private rclpy context."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,7 @@ class NodeProcess:
         ]  # fmt: skip
         for override in overrides:
             command += ["-p", override]
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - open for the process's life, closed in stop()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -139,4 +140,3 @@ def connected_client(process: NodeProcess):
         client.close()
         exit_code = process.stop()
         assert exit_code == 0, f"node exited with {exit_code}:\n{process.log()[-3000:]}"
-

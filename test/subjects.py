@@ -1,11 +1,14 @@
 """What counts as naming the main subject of each test photo: ImageNet classes (the demo
 model's encoder knows those) grouped by subject. An answer names the subject when it contains
 the short name of one of them (or the generic word)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-CLASSES_FILE = Path(__file__).resolve().parent.parent / "ros2_nanovlm" / "engine" / "demo_model" / "imagenet_classes.txt"
+CLASSES_FILE = (
+    Path(__file__).resolve().parent.parent / "ros2_nanovlm" / "engine" / "demo_model" / "imagenet_classes.txt"
+)
 
 # photo -> (generic words, ImageNet class indices that name the subject)
 SUBJECTS = {

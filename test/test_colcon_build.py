@@ -1,4 +1,5 @@
 """The package builds with colcon as in a ROS 2 workspace, and the installed node runs."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ros_harness import NodeProcess, connected_client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,12 +21,19 @@ def colcon_install(tmp_path_factory):
     env.setdefault("AMENT_PREFIX_PATH", sys.prefix)  # the ROS wheels install a prefix in the venv
     result = subprocess.run(
         [
-            sys.executable, "-m", "colcon", "build",
-            "--base-paths", str(REPO),
-            "--build-base", str(workspace / "build"),
-            "--install-base", str(workspace / "install"),
-            "--cmake-args", "-DBUILD_TESTING=OFF",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "colcon",
+            "build",
+            "--base-paths",
+            str(REPO),
+            "--build-base",
+            str(workspace / "build"),
+            "--install-base",
+            str(workspace / "install"),
+            "--cmake-args",
+            "-DBUILD_TESTING=OFF",
+        ],
         cwd=workspace,
         env=env,
         capture_output=True,
@@ -60,7 +67,9 @@ def test_installed_node_answers_a_query(colcon_install, tiny_llava, tmp_path, ph
     """`ros2 run nanovlm vlm_node` as it runs from the install space (what launch_ros starts)."""
     site = colcon_install / "lib" / PYTHON / "site-packages"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("LD_LIBRARY_PATH", os.pathsep.join([str(colcon_install / "lib"), os.environ.get("LD_LIBRARY_PATH", "")]))
+    monkeypatch.setenv(
+        "LD_LIBRARY_PATH", os.pathsep.join([str(colcon_install / "lib"), os.environ.get("LD_LIBRARY_PATH", "")])
+    )
     monkeypatch.setenv("AMENT_PREFIX_PATH", os.pathsep.join([str(colcon_install), sys.prefix]))
     executable = [sys.executable, str(colcon_install / "lib" / "nanovlm" / "vlm_node")]
     process = NodeProcess("/installed", tmp_path / "node.log", f"model.path:={tiny_llava}", command=executable)

@@ -1,6 +1,7 @@
 """The GPU fast path's Triton kernels and FastLlama, run on the CPU by Triton's interpreter
 (TRITON_INTERPRET=1), against float references and transformers' Llama. The same checks run on
 an H100 in bench/check_gpu.py at real shapes; speed is measured there, not here."""
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,9 @@ def test_rmsnorm_adds_the_partials_to_the_residual_first():
     x, weight = torch.randn(96).half(), torch.randn(96).half()
     partials = torch.randn(3, 96)
     expected_x = (x.float() + partials.sum(0)).half()
-    expected = (expected_x.float() * torch.rsqrt(expected_x.float().pow(2).mean() + 1e-5)).half().float() * weight.float()
+    expected = (
+        expected_x.float() * torch.rsqrt(expected_x.float().pow(2).mean() + 1e-5)
+    ).half().float() * weight.float()
     out = kernels.rmsnorm(x, weight, 1e-5, partials=partials)
     assert torch.equal(x, expected_x)  # x was updated in place
     assert relative_error(out, expected) < 2e-3
@@ -86,7 +89,11 @@ def test_embed_token_matches_the_table_lookup():
 
 def test_greedy_advance_takes_the_first_maximum_and_moves_one_position_on():
     logits = torch.randn(40000).half()  # two blocks of the kernel
-    token, position, length = torch.tensor([-1]), torch.tensor([9], dtype=torch.int32), torch.tensor([10], dtype=torch.int32)
+    token, position, length = (
+        torch.tensor([-1]),
+        torch.tensor([9], dtype=torch.int32),
+        torch.tensor([10], dtype=torch.int32),
+    )
     logits[35000] = logits[5] = logits.max() + 1  # equal maxima in two blocks: the first wins, as torch.argmax
     kernels.greedy_advance(logits, token, position, length)
     assert token.item() == 5 == torch.argmax(logits).item()
@@ -183,7 +190,9 @@ def test_fast_llama_prefill_split_and_decode_step(tiny_llama, quantize):
     ids = torch.randint(0, 512, (20,))
     with torch.inference_mode():
         reference = tiny_llama(ids[None]).logits[0, -1].float()
-        lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=quantize, device=torch.device("cpu"))
+        lm = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=quantize, device=torch.device("cpu")
+        )
         if quantize:  # o and down write K-split shares that the next RMSNorm adds
             lm._partial_configs = {"o": (2, 128, 1, 2, 1), "down": (4, 128, 1, 2, 0)}
         embeds = lm.embed(ids)
@@ -209,7 +218,9 @@ def test_fast_llama_padded_prefill_equals_the_exact_one(tiny_llama, start):
     and a decode step after it continues as after the exact prefill."""
     ids = torch.randint(0, 512, (start + 21,))
     with torch.inference_mode():
-        lm = FastLlama.from_hf(tiny_llama.model, tiny_llama.lm_head, max_tokens=128, quantize=True, device=torch.device("cpu"))
+        lm = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=128, quantize=True, device=torch.device("cpu")
+        )
         embeds = lm.embed(ids).half()
         lm.prefill_logits(embeds[:start], 0) if start else None
         exact = lm.prefill_logits(embeds[start:], start)
@@ -265,7 +276,9 @@ def test_fast_llava_from_model_round_trips_the_weights(tiny_llava):
     from ros2_nanovlm.engine.quant.int8 import Int8Rows
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_llava, dtype=torch.float32).eval()
-    direct = FastLlama.from_hf(model.model.language_model, model.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu"))
+    direct = FastLlama.from_hf(
+        model.model.language_model, model.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu")
+    )
     loaded = fast_llava_from_model(model, torch.device("cpu"), quantize=True, max_tokens=64)
     assert isinstance(loaded.lm_head, Int8Rows) and isinstance(loaded.embed_tokens, Int8Rows)
     for name, tensor in direct.state_dict().items():

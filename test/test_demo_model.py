@@ -1,13 +1,14 @@
 """The embedded demo VLM (EfficientNet-Lite0 -> projector -> SmolLM2) answers for real: its
 answers name what is in the photographs, through the engine and through the node over ROS 2."""
+
 from __future__ import annotations
 
 import pytest
+from ros_harness import NodeProcess, connected_client
+from subjects import SUBJECTS, names_subject
 
 from ros2_nanovlm.engine import EngineConfig, VLMEngine
 from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
-from ros_harness import NodeProcess, connected_client
-from subjects import SUBJECTS, names_subject
 
 QUESTION = "What is in the image?"
 
@@ -39,8 +40,9 @@ def demo_node(tmp_path_factory, demo_model):
 
 def frames_in_every_encoding(frame, photo):
     """The same photo as a camera might send it: colour encodings and sizes."""
-    from ros2_nanovlm.camera_player import load_photo
     from conftest import REPO
+
+    from ros2_nanovlm.camera_player import load_photo
 
     path = REPO / "data" / "images" / f"{photo}.jpg"
     return {

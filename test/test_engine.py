@@ -1,4 +1,5 @@
 """The engine on tiny random LLaVA models (CPU, float32): KV reuse, caches, errors."""
+
 from __future__ import annotations
 
 import ast

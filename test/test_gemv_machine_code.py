@@ -2,6 +2,7 @@
 Hopper on this CPU machine with Triton's bundled ptxas: it must assemble, load its inputs as
 whole 16-byte vectors, and do its products two at a time (HFMA2). Its numbers are checked on the
 GPU by bench/check_gpu.py."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,9 @@ print(json.dumps(dict(gemv_sass.opcodes(loop))))
 
 def test_half2_gemv_assembles_for_sm90_with_vector_loads_and_paired_products():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     opcodes = json.loads(result.stdout.strip().splitlines()[-1])
     assert opcodes.get("HFMA2", 0) >= 2 * 2 * 128 * 4 // 32  # rows x (gate, up) x words x 4 per word / 32 threads

@@ -1,4 +1,5 @@
 """The message <-> frame converter, on hand-built messages (no spinning)."""
+
 from __future__ import annotations
 
 import cv2
@@ -86,9 +87,7 @@ def test_jpeg_compressed_keeps_colours(photos):
     np.testing.assert_allclose(decoded.mean(axis=(0, 1)), photo.mean(axis=(0, 1)), atol=3)
 
 
-@pytest.mark.parametrize(
-    "data, message", [(b"", "holds no data"), (b"not a jpeg at all", "cannot decode")]
-)
+@pytest.mark.parametrize("data, message", [(b"", "holds no data"), (b"not a jpeg at all", "cannot decode")])
 def test_bad_compressed_images_get_clear_errors(data, message):
     with pytest.raises(ImageConversionError, match=message):
         compressed_msg_to_rgb(CompressedImage(format="jpeg", data=data), LIMIT)

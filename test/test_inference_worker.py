@@ -1,4 +1,5 @@
 """The worker's scheduling: newest frame only, tasks first, rate limit, errors contained."""
+
 from __future__ import annotations
 
 import threading

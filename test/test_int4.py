@@ -1,4 +1,5 @@
 """The 4-bit weight format: packing round trip, error bounds, group sizes (pure torch)."""
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ ament_index_python; the tests check what it would start: the installed executabl
 file the node tests use, launch arguments that map onto real node parameters, the remapping.
 The node itself is exercised with the same params file in test_node.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -95,7 +96,9 @@ def test_defaults_start_the_installed_node_with_the_params_file(launch_module):
     (node,) = [a for a in actions if isinstance(a, Node)]
     assert node.kwargs["package"] == "nanovlm"
     assert node.kwargs["executable"] == "vlm_node"
-    installed = re.search(r"install\(PROGRAMS ([^)]*)DESTINATION lib/\$\{PROJECT_NAME\}", (REPO / "CMakeLists.txt").read_text())
+    installed = re.search(
+        r"install\(PROGRAMS ([^)]*)DESTINATION lib/\$\{PROJECT_NAME\}", (REPO / "CMakeLists.txt").read_text()
+    )
     assert "scripts/vlm_node" in installed.group(1).split()
     params_file, overrides = node.kwargs["parameters"]
     assert Path(params_file) == REPO / "config" / "vlm.yaml"
@@ -106,8 +109,15 @@ def test_defaults_start_the_installed_node_with_the_params_file(launch_module):
 
 
 def test_arguments_override_real_node_parameters(launch_module):
-    _, actions = start(launch_module, model="/models/llava", prompt="Is the path clear?", rate="2.5",
-                       image_topic="/front/image_raw", namespace="robot1", fastdds_profile="")
+    _, actions = start(
+        launch_module,
+        model="/models/llava",
+        prompt="Is the path clear?",
+        rate="2.5",
+        image_topic="/front/image_raw",
+        namespace="robot1",
+        fastdds_profile="",
+    )
     (node,) = [a for a in actions if isinstance(a, Node)]
     overrides = node.kwargs["parameters"][1]
     assert overrides == {"model.path": "/models/llava", "prompt": "Is the path clear?", "rate": 2.5}

@@ -1,4 +1,5 @@
 """The node in its own process over real ROS 2 (rclpy, Fast DDS), with a tiny random LLaVA."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import time
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
+from ros_harness import NodeProcess, connected_client
 from std_msgs.msg import Header
 
 from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 from ros2_nanovlm.node import CALLBACKS_TAKE_MESSAGE_INFO
-from ros_harness import NodeProcess, connected_client
 
 _stamp_counter = [0]
 
@@ -159,7 +160,7 @@ def test_bad_stream_frames_are_counted_and_the_stream_goes_on(node, photos):
 
 
 def test_parameters_change_at_run_time(node, photos):
-    process, client = node
+    _process, client = node
     assert client.set_parameter("prompt", "Is there a dog?").successful
     assert client.set_parameter("max_new_tokens", 2).successful
     result = send_until_answered(client, frame_msg(photos["dogs_2"]))
@@ -260,7 +261,9 @@ def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
         # take a marker re-sent after a stall of 3 s, which the node may answer twice)
         assert dropped + len(answered) >= len(sent) - 1, f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
     else:  # Humble: only what DDS reports as lost
-        assert dropped + len(answered) >= 0.8 * len(sent), f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
+        assert dropped + len(answered) >= 0.8 * len(sent), (
+            f"{dropped} dropped + {len(answered)} answered of {len(sent)}"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Counting the frames a publisher sent that never arrived, from sequence numbers (no ROS)."""
+
 from ros2_nanovlm.sequence_gaps import SequenceGaps
 
 

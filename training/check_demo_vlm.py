@@ -10,6 +10,7 @@ The prompt and generation helpers here are the contract the runtime engine follo
 training script imports them so that training and inference build identical inputs.
 No ROS imports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,7 @@ def splice_image(model, ids: list[int], image_token_id: int, image_embeds: torch
     cut = ids.index(image_token_id)
     embed = model.get_input_embeddings()
     before = embed(torch.tensor([ids[:cut]]))
-    after = embed(torch.tensor([ids[cut + 1:]]))
+    after = embed(torch.tensor([ids[cut + 1 :]]))
     return torch.cat([before, image_embeds.to(before.dtype), after], dim=1)
 
 
@@ -124,8 +125,7 @@ class DemoVLM:
         t4 = time.perf_counter()
         self.load_s = {"encoder": t1 - t0, "projector": t2 - t1, "tokenizer": t3 - t2, "lm": t4 - t3}
         self.image_token_id = self.tok.convert_tokens_to_ids(self.projector.config.image_token)
-        self.class_names = efficientnet_lite.load_imagenet_classes(
-            os.path.join(model_dir, "imagenet_classes.txt"))
+        self.class_names = efficientnet_lite.load_imagenet_classes(os.path.join(model_dir, "imagenet_classes.txt"))
 
     @torch.inference_mode()
     def encode(self, frame_rgb: np.ndarray):
@@ -142,16 +142,21 @@ class DemoVLM:
         ids = prompt_ids(self.tok, question, cfg.system_prompt, cfg.image_token)
         embeds = splice_image(self.lm, ids, self.image_token_id, image_embeds)
         text, prefill_s, step_s = generate_greedy(self.lm, self.tok, embeds, cfg.max_new_tokens)
-        return {"text": text, "vision_s": vision_s, "prefill_s": prefill_s, "step_s": step_s,
-                "features": features, "prompt_len": embeds.shape[1]}
+        return {
+            "text": text,
+            "vision_s": vision_s,
+            "prefill_s": prefill_s,
+            "step_s": step_s,
+            "features": features,
+            "prompt_len": embeds.shape[1],
+        }
 
     def top3(self, features: torch.Tensor) -> list[tuple[str, float]]:
         """The encoder's own head (fp32), for comparison with the answer."""
         with torch.inference_mode():
             probs = self.encoder._fc(features.mean((2, 3))).softmax(-1)[0]
         values, indices = probs.topk(3)
-        return [(efficientnet_lite.short_class_name(self.class_names[i]), float(v))
-                for v, i in zip(values, indices)]
+        return [(efficientnet_lite.short_class_name(self.class_names[i]), float(v)) for v, i in zip(values, indices)]
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -171,8 +176,11 @@ def main() -> None:
     torch.set_num_threads(2)
 
     vlm = DemoVLM(args.model_dir)
-    print("load s: " + ", ".join(f"{k} {v:.2f}" for k, v in vlm.load_s.items())
-          + f" (total {sum(vlm.load_s.values()):.2f})")
+    print(
+        "load s: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in vlm.load_s.items())
+        + f" (total {sum(vlm.load_s.values()):.2f})"
+    )
     print(f"T = {vlm.projector.config.num_image_tokens} image tokens; question: {args.question!r}")
 
     vision, prefill, steps, same = [], [], [], 0
@@ -192,10 +200,12 @@ def main() -> None:
         print(f"{os.path.basename(path):12s} -> {result['text']!r:40s} | top-3: {top3}")
 
     print(f"BGR->RGB frames give the same answer: {same}/{len(paths)}")
-    print(f"vision (preprocess+encoder+projector) median {statistics.median(vision) * 1e3:.1f} ms; "
-          f"prefill ({result['prompt_len']} positions) median {statistics.median(prefill) * 1e3:.1f} ms; "
-          f"decode median {1 / statistics.median(steps):.1f} tok/s "
-          f"({len(steps)} steps, {args.runs} runs per photo, torch threads {torch.get_num_threads()})")
+    print(
+        f"vision (preprocess+encoder+projector) median {statistics.median(vision) * 1e3:.1f} ms; "
+        f"prefill ({result['prompt_len']} positions) median {statistics.median(prefill) * 1e3:.1f} ms; "
+        f"decode median {1 / statistics.median(steps):.1f} tok/s "
+        f"({len(steps)} steps, {args.runs} runs per photo, torch threads {torch.get_num_threads()})"
+    )
 
 
 if __name__ == "__main__":

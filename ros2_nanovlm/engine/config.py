@@ -1,4 +1,5 @@
 """Engine configuration: one dataclass, validated once, shared by every backend."""
+
 from __future__ import annotations
 
 import os

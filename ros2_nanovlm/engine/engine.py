@@ -1,5 +1,6 @@
 """VLMEngine: the one object a caller needs. It checks requests, runs them one at a time on a
 backend and handles JSON mode; ChatSession keeps a conversation for follow-up questions."""
+
 from __future__ import annotations
 
 import threading
@@ -29,7 +30,7 @@ class VLMEngine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, config: EngineConfig) -> "VLMEngine":
+    def load(cls, config: EngineConfig) -> VLMEngine:
         config.validate()
         return cls(create_backend(config), config)
 
@@ -52,11 +53,9 @@ class VLMEngine:
     ) -> Answer:
         """One question about one image, with no history. The KV cache still reuses whatever
         prefix the previous request shared with this one (system prompt, chat template)."""
-        return self.chat(system_prompt).ask(
-            prompt, image, max_new_tokens=max_new_tokens, json_output=json_output
-        )
+        return self.chat(system_prompt).ask(prompt, image, max_new_tokens=max_new_tokens, json_output=json_output)
 
-    def chat(self, system_prompt: str = "") -> "ChatSession":
+    def chat(self, system_prompt: str = "") -> ChatSession:
         return ChatSession(self, system_prompt)
 
     def close(self) -> None:
@@ -85,9 +84,7 @@ class VLMEngine:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt is empty")
         if len(prompt) > self.config.max_prompt_chars:
-            raise InvalidInput(
-                f"prompt is {len(prompt)} characters, over the limit of {self.config.max_prompt_chars}"
-            )
+            raise InvalidInput(f"prompt is {len(prompt)} characters, over the limit of {self.config.max_prompt_chars}")
 
 
 class ChatSession:

@@ -1,4 +1,5 @@
 """Checks and content hashes for the frames the engine is given (RGB uint8, H x W x 3)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,16 +14,12 @@ def check_frame(frame: object, max_pixels: int) -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         raise InvalidInput(f"image must be a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise InvalidInput(
-            f"image must be RGB uint8 of shape (height, width, 3), got {frame.dtype} {frame.shape}"
-        )
+        raise InvalidInput(f"image must be RGB uint8 of shape (height, width, 3), got {frame.dtype} {frame.shape}")
     height, width = frame.shape[:2]
     if height == 0 or width == 0:
         raise InvalidInput(f"image is empty ({width}x{height})")
     if height * width > max_pixels:
-        raise InvalidInput(
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-        )
+        raise InvalidInput(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     return frame
 
 

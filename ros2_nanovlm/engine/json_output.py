@@ -3,6 +3,7 @@
 This is best effort: the model may not comply. Schema-constrained decoding, which guarantees
 valid JSON, belongs in the generation loop of a backend and will replace the instruction.
 """
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ seed. Their answers are noise by construction.
 
     python -m ros2_nanovlm.engine.tiny /tmp/tiny-llava [--llava-next]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def byte_level_tokenizer(vocab_size: int = 0):
 TEXT_MODELS = ("llama", "stablelm")
 
 
-def build_tiny_llava(output_dir: str | Path, *, llava_next: bool = False, text_model: str = "llama", seed: int = 0) -> Path:
+def build_tiny_llava(
+    output_dir: str | Path, *, llava_next: bool = False, text_model: str = "llama", seed: int = 0
+) -> Path:
     """Write a tiny random LLaVA (or LLaVA-NeXT) model with its processor to `output_dir`.
     text_model "stablelm": a StableLM language model (LayerNorm, partial rotary), the
     Obsidian-3B layout, which the GPU fast path does not run (transformers does)."""

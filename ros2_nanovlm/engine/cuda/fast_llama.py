@@ -14,6 +14,7 @@ only re-arranges them for speed:
   same bits every run. The position and the previous token live on the GPU, so a step costs
   one graph launch and one read of the new token.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,7 +76,7 @@ class FastLlama:
 
     @classmethod
     def from_hf(cls, text_model, lm_head: torch.nn.Linear, *, max_tokens: int, quantize: bool,
-                device: torch.device, progress=None) -> "FastLlama":  # fmt: skip
+                device: torch.device, progress=None) -> FastLlama:  # fmt: skip
         """Convert a transformers LlamaModel (on any device) layer by layer: each weight goes to
         the GPU in fp16 and is quantized there, so GPU memory never holds the fp16 model."""
         reason = supports(text_model.config)
@@ -137,7 +138,7 @@ class FastLlama:
         return state
 
     @classmethod
-    def from_state(cls, config, state: dict[str, torch.Tensor], *, max_tokens: int, device: torch.device) -> "FastLlama":
+    def from_state(cls, config, state: dict[str, torch.Tensor], *, max_tokens: int, device: torch.device) -> FastLlama:
         state = {name: tensor.to(device) for name, tensor in state.items()}
 
         def weight(prefix):
@@ -321,7 +322,9 @@ class FastLlama:
         vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]
         self._logits = torch.zeros(vocab, dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
-        self._partials = {name: torch.zeros(self._partial_config(name)[3], self.hidden, device=device) for name in ("o", "down")}
+        self._partials = {
+            name: torch.zeros(self._partial_config(name)[3], self.hidden, device=device) for name in ("o", "down")
+        }
         self._host_token = -1  # what self._token holds, as far as the host knows (-1: unknown)
         self._host_position = -1
         self._started_ahead: tuple[int, int] | None = None  # (token, position) of a step already launched
@@ -348,12 +351,12 @@ class FastLlama:
                 if writes_partials:
                     partials = torch.empty(config[3], weights[0].out_features, device=self.device)
 
-                    def run(config=config, partials=partials):
+                    def run(config=config, partials=partials, weights=weights, inputs=inputs):
                         for weight in weights:
                             kernels.w4_gemv_partials(inputs, weight, partials, config)
                 else:
 
-                    def run(config=config):
+                    def run(config=config, weights=weights, inputs=inputs, gated=gated):
                         for weight in weights:
                             kernels.w4_gemv(inputs, weight, gated=gated, config=config)
 

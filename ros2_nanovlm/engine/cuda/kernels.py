@@ -10,6 +10,7 @@ kernel is launched with programmatic dependent launch (below).
 
 Under TRITON_INTERPRET=1 the same kernels run on the CPU (the tests do that).
 """
+
 from __future__ import annotations
 
 import functools
@@ -183,7 +184,9 @@ def _load_words(words_ptr, rows, row_mask, word0, word_end, K: tl.constexpr, BLO
     """Words word0 .. word0+BLOCK_W-1 (those < word_end) of each row: (BLOCK_N, BLOCK_W) int32."""
     words = word0 + tl.arange(0, BLOCK_W)
     mask = row_mask[:, None] & (words < word_end)[None, :]
-    return tl.load(words_ptr + rows[:, None] * (K // 8) + words[None, :], mask=mask, other=0, eviction_policy="evict_first")
+    return tl.load(
+        words_ptr + rows[:, None] * (K // 8) + words[None, :], mask=mask, other=0, eviction_policy="evict_first"
+    )
 
 
 @triton.jit
@@ -266,7 +269,9 @@ def _w4_gemv_rows(
     acc_up = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for step in range(STEPS_PER_SPLIT):
         group0 = first + step * BLOCK_G
-        next_words = _load_words(packed_ptr, rows, row_mask, (group0 + BLOCK_G) * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W)
+        next_words = _load_words(
+            packed_ptr, rows, row_mask, (group0 + BLOCK_G) * GROUP_WORDS, last * GROUP_WORDS, K, BLOCK_W
+        )
         next_up_words = next_words
         if GATED:
             next_up_words = _load_words(packed_ptr, rows + N_OUT, row_mask, (group0 + BLOCK_G) * GROUP_WORDS,
@@ -295,8 +300,20 @@ def _w4_gemv_rows(
                     dots_up += _one_plus_sixteenth(up_words, i, one_bits) * x[None, :]
         groups = group0 + tl.arange(0, BLOCK_G)
         group_mask = groups < last
-        acc += _group_sums(dots, x_sums, scales_ptr, offsets_ptr, rows, row_mask, groups, group_mask, GROUPS, GROUP_WORDS,
-                            DOT_SCALE, ZERO_Q)
+        acc += _group_sums(
+            dots,
+            x_sums,
+            scales_ptr,
+            offsets_ptr,
+            rows,
+            row_mask,
+            groups,
+            group_mask,
+            GROUPS,
+            GROUP_WORDS,
+            DOT_SCALE,
+            ZERO_Q,
+        )
         if GATED:
             acc_up += _group_sums(dots_up, x_sums, scales_ptr, offsets_ptr, rows + N_OUT, row_mask, groups, group_mask,
                                   GROUPS, GROUP_WORDS, DOT_SCALE, ZERO_Q)  # fmt: skip
@@ -357,7 +374,9 @@ def w4_gemv(
     return out
 
 
-def w4_gemv_partials(x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor, config: tuple[int, ...]) -> torch.Tensor:
+def w4_gemv_partials(
+    x: torch.Tensor, weight: Int4Weight, partials: torch.Tensor, config: tuple[int, ...]
+) -> torch.Tensor:
     """x (K,) fp16 -> partials (S, N) float32 with S = the config's K split: the products of
     the S shares of K; rmsnorm(partials=) adds them to the residual stream."""
     if partials.dtype != torch.float32 or tuple(partials.shape) != (config[3], weight.out_features):
@@ -418,7 +437,9 @@ def i8_gemv(x: torch.Tensor, weight: Int8Rows, out: torch.Tensor | None = None) 
 
 
 @triton.jit
-def _w4_dequant_kernel(words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _w4_dequant_kernel(
+    words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """One group of BLOCK_N rows per program."""
     WORDS: tl.constexpr = GROUP // 8
     row_block = tl.program_id(0)
@@ -431,7 +452,9 @@ def _w4_dequant_kernel(words_ptr, scales_ptr, offsets_ptr, out_ptr, K: tl.conste
     pair = tl.arange(0, 2 * WORDS)
     for k in tl.static_range(4):  # nibbles k and k+4 of word w: inputs 2 * (k * WORDS + w) and the next
         values = tl.reshape(tl.join(_nibble(words, k), _nibble(words, k + 4)), (BLOCK_N, 2 * WORDS)) * scale + offset
-        tl.store(out_ptr + rows[:, None] * K + g * GROUP + k * 2 * WORDS + pair[None, :], values.to(out_ptr.dtype.element_ty))
+        tl.store(
+            out_ptr + rows[:, None] * K + g * GROUP + k * 2 * WORDS + pair[None, :], values.to(out_ptr.dtype.element_ty)
+        )
 
 
 def w4_dequantize(weight: Int4Weight, out: torch.Tensor) -> torch.Tensor:
@@ -707,7 +730,11 @@ def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device, sp
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    out: torch.Tensor,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     num_warps: int = ATTENTION_WARPS,
 ) -> torch.Tensor:

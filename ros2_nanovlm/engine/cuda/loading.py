@@ -5,6 +5,7 @@ transformers modules (fp16), the language model becomes a FastLlama (4-bit or fp
 or under $NANOVLM_HOME/cache when that is not writable): a second start reads about a quarter of
 the bytes and skips quantization.
 """
+
 from __future__ import annotations
 
 import gc
@@ -65,7 +66,12 @@ def fast_llava_from_model(model, device: torch.device, *, quantize: bool, max_to
     progress = (lambda layers: tqdm(layers, desc="quantizing to 4 bits", unit="layer")) if quantize else None
     text_config = model.model.language_model.config
     lm = FastLlama.from_hf(
-        model.model.language_model, model.lm_head, max_tokens=max_tokens, quantize=quantize, device=device, progress=progress
+        model.model.language_model,
+        model.lm_head,
+        max_tokens=max_tokens,
+        quantize=quantize,
+        device=device,
+        progress=progress,
     )
     _drop_language_model(model)
     _drop_unused_vision_layers(model)
@@ -142,6 +148,13 @@ def _save_cache(cache_file: Path, fingerprint: str, model, lm: FastLlama) -> Non
     state.update({f"lm.{name}": tensor.contiguous() for name, tensor in lm.state_dict().items()})
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_suffix(".partial")
-    save_file(state, str(partial), metadata={"fingerprint": fingerprint, "format": CACHE_FORMAT,
-                                             "note": json.dumps("4-bit weights made by nanovlm; safe to delete")})
+    save_file(
+        state,
+        str(partial),
+        metadata={
+            "fingerprint": fingerprint,
+            "format": CACHE_FORMAT,
+            "note": json.dumps("4-bit weights made by nanovlm; safe to delete"),
+        },
+    )
     partial.replace(cache_file)

@@ -14,12 +14,13 @@ a key is captured the second time it is seen (a one-off follow-up turn stays eag
 it would cost more than it saves), and the last `capacity` graphs are kept. All of them share
 one memory pool: they only ever run one after another, on one stream.
 """
+
 from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,5 +1,6 @@
 """LLaVA-1.5 image preprocessing on the GPU: the uint8 frame goes to the device once, and
 resize, centre crop and normalisation run there (what CLIPImageProcessor does on the CPU)."""
+
 from __future__ import annotations
 
 import numpy as np

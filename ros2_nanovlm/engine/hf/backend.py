@@ -1,6 +1,7 @@
 """The transformers/PyTorch backend: greedy generation with a prefix-reusing static KV cache and
 an image-embedding cache. On the CPU the language model runs through transformers; on a GPU,
 Llama-family language models run through FastLlama (4-bit weights, CUDA-graph decode)."""
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,8 @@ from ..frames import frame_digest
 from .composed import is_composed, load_composed
 from .embedding_cache import EmbeddingCache
 from .kv_cache import PrefixTracker
-from .loading import load_llava, read_model_config, resolve_device, resolve_dtype
 from .lm_runner import TransformersLMRunner
+from .loading import load_llava, read_model_config, resolve_device, resolve_dtype
 from .prompting import ChatPrompter, TokenizedPrompt
 from .vision import LlavaImageEncoder
 
@@ -45,7 +46,7 @@ class TransformersBackend(Backend):
             self._use_transformers_model(model, processor)
 
     @classmethod
-    def from_model(cls, model, processor, config: EngineConfig, name: str = "in-memory") -> "TransformersBackend":
+    def from_model(cls, model, processor, config: EngineConfig, name: str = "in-memory") -> TransformersBackend:
         """A backend around a transformers LLaVA already in memory (benchmarks, notebooks).
         On CUDA the language model moves into FastLlama and leaves `model`."""
         backend = cls.__new__(cls)
@@ -53,7 +54,9 @@ class TransformersBackend(Backend):
         if backend._plan(config, model.config.get_text_config().to_dict()):
             from ..cuda.loading import fast_llava_from_model
 
-            lm = fast_llava_from_model(model, backend._device, quantize=backend.quantization == "int4", max_tokens=backend.max_context)
+            lm = fast_llava_from_model(
+                model, backend._device, quantize=backend.quantization == "int4", max_tokens=backend.max_context
+            )
             backend._use_fast_model(model, processor, lm)
         else:
             backend._use_transformers_model(model.to(backend._device, backend._dtype), processor)
@@ -231,7 +234,7 @@ class TransformersBackend(Backend):
 
 
 def _fast_path_reason(text_config: dict) -> str:
-    """"" when the GPU fast path can run this checkpoint's language model, else why not."""
+    """ "" when the GPU fast path can run this checkpoint's language model, else why not."""
     from ..cuda.support import unsupported_reason
 
     return unsupported_reason(text_config)

@@ -8,6 +8,7 @@ A composed model is a directory with `nanovlm_vlm.json`:
      "language_model": "language_model"}  # a transformers causal-LM directory with its tokenizer
 The embedded demo model (default_model.py) is one: EfficientNet-Lite0 -> projector -> SmolLM2.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,11 @@ def load_composed(model_path: str, device: torch.device, dtype: torch.dtype):
     try:
         vision = load_efficientnet_lite0(str(root / manifest["vision"]["weights"])).to(device)
         projector = load_projector(str(root / manifest["projector"]), device=device)
-        language_model = AutoModelForCausalLM.from_pretrained(
-            root / manifest["language_model"], dtype=dtype, local_files_only=True
-        ).to(device).eval()
+        language_model = (
+            AutoModelForCausalLM.from_pretrained(root / manifest["language_model"], dtype=dtype, local_files_only=True)
+            .to(device)
+            .eval()
+        )
         tokenizer = AutoTokenizer.from_pretrained(root / manifest["language_model"], local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load the composed model in '{model_path}': {error}") from error

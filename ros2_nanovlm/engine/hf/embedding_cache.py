@@ -1,4 +1,5 @@
 """Image embeddings by content hash: a question about a frame already seen skips the encoder."""
+
 from __future__ import annotations
 
 from collections import OrderedDict

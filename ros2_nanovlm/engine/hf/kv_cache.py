@@ -1,8 +1,9 @@
 """Which tokens the KV cache holds, so a request reuses the longest prefix it shares with the
 previous one (system prompt, template, earlier turns, the same image)."""
+
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 
 class PrefixTracker:

@@ -1,5 +1,6 @@
 """Runs the language model of a transformers VLM: embeddings in, greedy tokens out, KV cache
 kept between calls. The GPU fast path (cuda/fast_llama.py) offers the same four methods."""
+
 from __future__ import annotations
 
 import torch

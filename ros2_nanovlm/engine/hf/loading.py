@@ -1,4 +1,5 @@
 """Find, check and load a Hugging Face-format VLM directory, with errors that name the path."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,7 @@ def read_model_config(model_path: str) -> dict:
         raise ModelLoadError(f"model path '{model_path}' is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(
-            f"model path '{model_path}' has no config.json: not a Hugging Face model directory"
-        )
+        raise ModelLoadError(f"model path '{model_path}' has no config.json: not a Hugging Face model directory")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as error:
@@ -33,8 +32,7 @@ def read_model_config(model_path: str) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
-            f"model path '{model_path}' holds a '{model_type}' model; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"model path '{model_path}' holds a '{model_type}' model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return config
 
@@ -62,9 +60,7 @@ def load_llava(model_path: str, device: torch.device, dtype: torch.dtype):
 
     try:
         processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=dtype, local_files_only=True
-        )
+        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load the model in '{model_path}': {error}") from error
     return model.to(device).eval(), processor

@@ -1,9 +1,10 @@
 """Conversations to token ids with the model's own chat template, image placeholders expanded
 to one position per image token."""
+
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 from ..api import InvalidInput, Turn
 
@@ -50,9 +51,7 @@ class ChatPrompter:
             messages.append({"role": turn.role, "content": self._content(turn.text, turn.image is not None)})
         return self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def tokenize(
-        self, system_prompt: str, turns: tuple[Turn, ...], images: list[tuple[str, int]]
-    ) -> TokenizedPrompt:
+    def tokenize(self, system_prompt: str, turns: tuple[Turn, ...], images: list[tuple[str, int]]) -> TokenizedPrompt:
         """`images`: (digest, token count) of each image, in conversation order."""
         text = self.render(system_prompt, turns)
         bos = self._tokenizer.bos_token

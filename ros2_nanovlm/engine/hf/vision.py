@@ -1,4 +1,5 @@
 """Frames to image embeddings in the LLM's input space (vision tower + projector)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,9 +24,7 @@ class LlavaImageEncoder:
 
     def __call__(self, frame: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> (image tokens, LLM hidden size)."""
-        inputs = self._image_processor(
-            images=frame, return_tensors="pt", input_data_format="channels_last"
-        )
+        inputs = self._image_processor(images=frame, return_tensors="pt", input_data_format="channels_last")
         kwargs = dict(self._feature_kwargs)
         if self._uses_image_sizes:
             kwargs["image_sizes"] = inputs["image_sizes"].to(self._device)

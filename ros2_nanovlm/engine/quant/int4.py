@@ -11,6 +11,7 @@ nibbles k and k+4 of a word (one shift apart from the two halves of a half2) mul
 adjacent inputs, and the pairs (k, k+4) of a run of words meet a contiguous run of input pairs
 x[g*G + 2*(G/8)*k : g*G + 2*(G/8)*(k+1)], which the kernel loads as int32 words.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,21 +46,21 @@ class Int4Weight:
     def in_features(self) -> int:
         return self.packed.shape[1] * 2
 
-    def rows(self, start: int, stop: int) -> "Int4Weight":
+    def rows(self, start: int, stop: int) -> Int4Weight:
         """Output rows start..stop-1 (views, no copy)."""
         return Int4Weight(self.packed[start:stop], self.scales[start:stop], self.offsets[start:stop], self.group_size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.offsets))
 
-    def to(self, device) -> "Int4Weight":
+    def to(self, device) -> Int4Weight:
         return Int4Weight(self.packed.to(device), self.scales.to(device), self.offsets.to(device), self.group_size)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.packed": self.packed, f"{prefix}.scales": self.scales, f"{prefix}.offsets": self.offsets}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "Int4Weight":
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> Int4Weight:
         packed = state[f"{prefix}.packed"]
         scales = state[f"{prefix}.scales"]
         return cls(packed, scales, state[f"{prefix}.offsets"], packed.shape[1] * 2 // scales.shape[1])

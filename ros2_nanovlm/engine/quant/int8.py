@@ -6,6 +6,7 @@ cache of 1024 tokens; int8 halves that. One scale per row of 4096 keeps the erro
 a step of max|row|/127) far below what the 4-bit linear layers already add, and unlike 4 bits it
 leaves the logits' ranking alone (bench/quant_quality.py measures both).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class Int8Rows:
         return {f"{prefix}.values": self.values, f"{prefix}.scales": self.scales}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "Int8Rows":
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> Int8Rows:
         return cls(state[f"{prefix}.values"], state[f"{prefix}.scales"])
 
 
