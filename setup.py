@@ -17,6 +17,7 @@ setup(
         "numpy",
         "opencv-python-headless",
         "pillow",
+        "prompt-toolkit",
         "torch>=2.4",
         # The engine drives transformers' StaticCache directly; its internals move between minors.
         "transformers==5.17.*",
@@ -27,6 +28,7 @@ setup(
             "nanovlm-node = ros2_nanovlm.node:main",
             "nanovlm-camera = ros2_nanovlm.camera_player:main",
             "nanovlm-demo = ros2_nanovlm.demo:main",
+            "nanovlm-chat = ros2_nanovlm.tools.chat:main",
             "nanovlm-build-tiny-model = ros2_nanovlm.engine.tiny:main",
         ]
     },

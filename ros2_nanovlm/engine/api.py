@@ -8,7 +8,9 @@ the same `Backend` class. Nothing here imports torch, so callers can type-check 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +37,34 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class JsonRequest:
+    """Constrained JSON output: the answer is one JSON value that the grammar guarantees.
+    `schema` None = any JSON object; else a JSON Schema (a dict)."""
+
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     system_prompt: str
     turns: tuple[Turn, ...]
     max_new_tokens: int
+    json: JsonRequest | None = None  # None = free text
+
+
+@dataclass
+class GenerationControl:
+    """What a caller can do to one generation while it runs. Both callbacks run on the thread
+    that generates, between two decode steps.
+
+    on_token: receives each new piece of the answer's text as soon as it is final (a piece never
+        ends inside a multi-byte character; whitespace at the end is held back until text
+        follows it). The pieces concatenate to exactly `Answer.text`.
+    should_stop: polled before every decode step; True stops the answer with stop reason
+        "cancelled" (within one token)."""
+
+    on_token: Callable[[str], None] | None = None
+    should_stop: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -58,10 +84,10 @@ class Answer:
     prompt_tokens: int  # tokens of the whole prompt, image tokens included
     reused_tokens: int  # prompt tokens whose KV entries were reused from the cache
     image_cache_hit: bool  # every image of the prompt came from the embedding cache
-    stop_reason: str  # "eos", "max_new_tokens" or "context_full"
+    stop_reason: str  # "eos", "max_new_tokens", "context_full" or "cancelled"
     timings: Timings = field(default_factory=Timings)
-    json: str = ""  # first JSON object of the answer (JSON mode only)
-    json_error: str = ""  # why `json` is empty in JSON mode
+    json: str = ""  # JSON mode: the answer's JSON value, compact; "" when it is not complete
+    json_error: str = ""  # JSON mode: why `json` is empty (the budget ran out, cancelled)
 
     @property
     def generated_tokens(self) -> int:
@@ -81,8 +107,14 @@ class Backend(abc.ABC):
     def device(self) -> str:
         """Where the model runs, e.g. "cpu" or "cuda:0"."""
 
+    @property
+    def multiple_images(self) -> bool:
+        """Whether one conversation may hold several images (VILA does; LLaVA-1.5 was trained
+        on one)."""
+        return False
+
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> Answer:
+    def generate(self, request: GenerationRequest, control: GenerationControl | None = None) -> Answer:
         """Answer the last user turn of `request` greedily; raise InvalidInput for bad requests."""
 
     def close(self) -> None:  # noqa: B027 - optional: most backends free memory by dropping references

@@ -1,0 +1,1 @@
+"""Command-line tools on the engine and the node (chat console, ...)."""
