@@ -17,6 +17,7 @@ from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
 from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
 from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
+from ros2_nanovlm.engine.token_mask import words_allowing  # noqa: E402
 
 
 def relative_error(value, reference) -> float:
@@ -89,18 +90,32 @@ def test_embed_token_matches_the_table_lookup():
 
 def test_greedy_advance_takes_the_first_maximum_and_moves_one_position_on():
     logits = torch.randn(40000).half()  # two blocks of the kernel
+    all_tokens = torch.full((1250,), -1, dtype=torch.int32)
     token, position, length = (
         torch.tensor([-1]),
         torch.tensor([9], dtype=torch.int32),
         torch.tensor([10], dtype=torch.int32),
     )
     logits[35000] = logits[5] = logits.max() + 1  # equal maxima in two blocks: the first wins, as torch.argmax
-    kernels.greedy_advance(logits, token, position, length)
+    kernels.greedy_advance(logits, all_tokens, token, position, length)
     assert token.item() == 5 == torch.argmax(logits).item()
     assert (position.item(), length.item()) == (10, 11)
     logits[35001] = logits[5] + 1
-    kernels.greedy_advance(logits, token, position, length)
+    kernels.greedy_advance(logits, all_tokens, token, position, length)
     assert (token.item(), position.item(), length.item()) == (35001, 11, 12)
+
+
+def test_greedy_advance_chooses_only_among_the_tokens_the_mask_allows():
+    logits = torch.randn(40000).half()
+    allowed = torch.tensor([3, 31, 32, 33000, 39999])
+    mask = torch.from_numpy(words_allowing(allowed.tolist(), 40000))
+    token, position, length = torch.tensor([-1]), torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    kernels.greedy_advance(logits, mask, token, position, length)
+    assert token.item() == allowed[torch.argmax(logits[allowed])].item()
+    logits[allowed] = -1000.0  # the allowed tokens are the least likely: still one of them
+    logits[33000] = -999.0
+    kernels.greedy_advance(logits, mask, token, position, length)
+    assert token.item() == 33000
 
 
 def test_w4_dequantize_matches_the_reference():

@@ -56,7 +56,7 @@ def test_follow_up_reuses_kv_cache_and_equals_fresh_prefill(engine, photos, tiny
 
     # A fresh engine prefilling the whole conversation at once generates the same tokens.
     fresh = VLMEngine.load(engine.config)
-    replay = fresh._answer(chat.system_prompt, chat.history[:-1], None, False)
+    replay = fresh._answer(chat.system_prompt, chat.history[:-1], None, None)
     assert replay.reused_tokens == 0
     assert replay.prompt_tokens == second.prompt_tokens
     assert replay.token_ids == second.token_ids

@@ -1,16 +1,23 @@
-"""VLMEngine: the one object a caller needs. It checks requests, runs them one at a time on a
-backend and handles JSON mode; ChatSession keeps a conversation for follow-up questions."""
+"""VLMEngine: the one object a caller needs. It checks requests and runs them one at a time on a
+backend; ChatSession keeps a conversation for follow-up questions, and streams or cancels an
+answer while it is generated."""
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .api import Answer, Backend, GenerationRequest, InvalidInput, Turn
+from .api import Answer, Backend, GenerationControl, GenerationRequest, InvalidInput, JsonRequest, Turn
 from .config import EngineConfig
 from .frames import check_frame
-from .json_output import extract_json_object, with_json_instruction
+from .json_output import json_instruction
+
+# What `cancel` may be: an Event (set() cancels) or a function that returns True to cancel.
+Cancel = threading.Event | Callable[[], bool] | None
 
 
 def create_backend(config: EngineConfig) -> Backend:
@@ -23,6 +30,9 @@ def create_backend(config: EngineConfig) -> Backend:
 
 
 class VLMEngine:
+    """Owns one loaded model (its backend) and serialises the requests to it: any thread may
+    call ask(); one answer is generated at a time, the others wait on the lock."""
+
     def __init__(self, backend: Backend, config: EngineConfig):
         self._backend = backend
         self.config = config
@@ -42,6 +52,11 @@ class VLMEngine:
     def device(self) -> str:
         return self._backend.device
 
+    @property
+    def multiple_images(self) -> bool:
+        """Whether one conversation may hold several images."""
+        return self._backend.multiple_images
+
     def ask(
         self,
         prompt: str,
@@ -50,10 +65,22 @@ class VLMEngine:
         system_prompt: str = "",
         max_new_tokens: int | None = None,
         json_output: bool = False,
+        json_schema: dict[str, Any] | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancel: Cancel = None,
     ) -> Answer:
         """One question about one image, with no history. The KV cache still reuses whatever
-        prefix the previous request shared with this one (system prompt, chat template)."""
-        return self.chat(system_prompt).ask(prompt, image, max_new_tokens=max_new_tokens, json_output=json_output)
+        prefix the previous request shared with this one (system prompt, chat template).
+        See ChatSession.ask for the options."""
+        return self.chat(system_prompt).ask(
+            prompt,
+            image,
+            max_new_tokens=max_new_tokens,
+            json_output=json_output,
+            json_schema=json_schema,
+            on_token=on_token,
+            cancel=cancel,
+        )
 
     def chat(self, system_prompt: str = "") -> ChatSession:
         return ChatSession(self, system_prompt)
@@ -67,17 +94,18 @@ class VLMEngine:
         system_prompt: str,
         turns: tuple[Turn, ...],
         max_new_tokens: int | None,
-        json_output: bool,
+        json: JsonRequest | None,
+        control: GenerationControl | None = None,
     ) -> Answer:
         if max_new_tokens is None:
             max_new_tokens = self.config.max_new_tokens
-        if max_new_tokens < 1:
-            raise InvalidInput(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        request = GenerationRequest(system_prompt, turns, max_new_tokens)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidInput(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+        request = GenerationRequest(system_prompt, turns, max_new_tokens, json)
         with self._lock:
-            answer = self._backend.generate(request)
-        if json_output:
-            answer.json, answer.json_error = extract_json_object(answer.text)
+            answer = self._backend.generate(request, control)
+        if json is not None:
+            answer.json, answer.json_error = _json_result(answer)
         return answer
 
     def _check_prompt(self, prompt: str) -> None:
@@ -89,7 +117,13 @@ class VLMEngine:
 
 class ChatSession:
     """A conversation: follow-up questions see the earlier turns. Only the tokens that are new
-    since the last turn are prefilled; the backend's KV cache holds the rest."""
+    since the last turn are prefilled; the backend's KV cache holds the rest.
+
+    A cancelled answer stays in the history as the assistant's turn, cut where it stopped: the
+    operator saw it, and the next question ("go on", "and the other one?") may refer to it.
+
+    Not thread-safe: one caller asks at a time (stream() runs the answer on its own thread, and
+    the session must not be used again until that stream has ended)."""
 
     def __init__(self, engine: VLMEngine, system_prompt: str = ""):
         self._engine = engine
@@ -100,6 +134,10 @@ class ChatSession:
     def history(self) -> tuple[Turn, ...]:
         return self._history
 
+    @property
+    def image_count(self) -> int:
+        return sum(turn.image is not None for turn in self._history)
+
     def ask(
         self,
         prompt: str,
@@ -107,16 +145,107 @@ class ChatSession:
         *,
         max_new_tokens: int | None = None,
         json_output: bool = False,
+        json_schema: dict[str, Any] | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancel: Cancel = None,
     ) -> Answer:
-        self._engine._check_prompt(prompt)
+        """Answer `prompt` (about `image`, an RGB uint8 frame, when given).
+
+        json_output / json_schema: the answer is one JSON object (any, or valid for the JSON
+            Schema), guaranteed by constrained decoding; `Answer.json` holds it, or
+            `Answer.json_error` says why not (the budget ran out first, or a cancel).
+        on_token: called with each new piece of text as it is generated (pieces join to the
+            answer's text).
+        cancel: an Event, or a function returning True, checked before every token: the answer
+            stops within one token with stop reason "cancelled"."""
+        engine = self._engine
+        engine._check_prompt(prompt)
         if image is not None:
-            check_frame(image, self._engine.config.max_image_pixels)
-        text = with_json_instruction(prompt) if json_output else prompt
+            check_frame(image, engine.config.max_image_pixels)
+            if self.image_count and not engine.multiple_images:
+                raise InvalidInput(
+                    f"'{engine.model_name}' reads one image per conversation; reset the chat before another image"
+                )
+        json = JsonRequest(json_schema) if json_output or json_schema is not None else None
+        text = prompt + json_instruction(json_schema) if json else prompt
         turns = self._history + (Turn("user", text, image),)
-        answer = self._engine._answer(self.system_prompt, turns, max_new_tokens, json_output)
+        control = GenerationControl(on_token=on_token, should_stop=_stop_check(cancel))
+        answer = engine._answer(self.system_prompt, turns, max_new_tokens, json, control)
         self._history = turns + (Turn("assistant", answer.text),)
         return answer
+
+    def stream(self, prompt: str, image: np.ndarray | None = None, **options) -> AnswerStream:
+        """ask() as an iterator of text pieces: `for piece in chat.stream(...)`; the Answer is
+        `.answer` once the iteration ended. Leaving the loop early (or `.cancel()`) cancels."""
+        return AnswerStream(self, prompt, image, options)
 
     def reset(self) -> None:
         """Forget the conversation; the next question starts from the system prompt."""
         self._history = ()
+
+
+class AnswerStream:
+    """The pieces of one answer as an iterator. The answer is generated on a thread of its own
+    (so the consumer's loop body never delays the model by more than the queue's slack); the
+    consumer's thread iterates. An error of the answer is raised from the iteration."""
+
+    def __init__(self, chat: ChatSession, prompt: str, image, options: dict):
+        self._pieces: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+        self.answer: Answer | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(chat, prompt, image, options), name="nanovlm-stream", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, chat: ChatSession, prompt: str, image, options: dict) -> None:
+        try:
+            self.answer = chat.ask(prompt, image, on_token=self._pieces.put, cancel=self._cancelled, **options)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the consumer's thread
+            self._error = error
+        finally:
+            self._pieces.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while (piece := self._pieces.get()) is not None:
+                yield piece
+        finally:
+            self.cancel()  # a consumer that stops early stops the model too
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def _stop_check(cancel: Cancel) -> Callable[[], bool] | None:
+    if cancel is None:
+        return None
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return cancel
+    raise InvalidInput(f"cancel must be a threading.Event or a function, got {type(cancel).__name__}")
+
+
+def _json_result(answer: Answer) -> tuple[str, str]:
+    """(compact JSON, "") of a complete constrained answer, else ("", why there is none)."""
+    import json
+
+    if answer.stop_reason == "eos":
+        # The grammar allowed nothing else: the text parses (a failure here is a bug, said so).
+        try:
+            value = json.loads(answer.text)
+        except ValueError as error:
+            return "", f"internal error: the constrained answer is not JSON ({error})"
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")), ""
+    if answer.stop_reason == "cancelled":
+        return "", "cancelled before the JSON was complete"
+    limit = "max_new_tokens" if answer.stop_reason == "max_new_tokens" else "the context"
+    return "", (
+        f"the answer reached {limit} ({answer.generated_tokens} tokens) before its JSON was complete; "
+        "raise max_new_tokens or ask for less"
+    )

@@ -1,34 +1,22 @@
-"""JSON mode: ask the model for JSON, then take the first JSON object out of its answer.
-
-This is best effort: the model may not comply. Schema-constrained decoding, which guarantees
-valid JSON, belongs in the generation loop of a backend and will replace the instruction.
-"""
+"""What JSON mode tells the model. The grammar (structured.py) guarantees the form of the answer;
+this instruction makes the model expect it, so what it writes inside the form is sensible: a
+model that was not told to answer in JSON spends its tokens fighting the mask."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-JSON_INSTRUCTION = "Answer with a single JSON object and nothing else."
-
-
-def with_json_instruction(prompt: str) -> str:
-    return f"{prompt}\n{JSON_INSTRUCTION}"
+# Schemas longer than this are not repeated to the model (they still constrain the answer).
+MAX_SCHEMA_CHARS_IN_PROMPT = 600
 
 
-def extract_json_object(text: str) -> tuple[str, str]:
-    """Return (compact JSON of the first object in `text`, "") or ("", why there is none)."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    if start < 0:
-        return "", "the answer holds no JSON object (no '{')"
-    first_error = ""
-    while start >= 0:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as error:
-            first_error = first_error or f"{error.msg} at character {error.pos}"
-        else:
-            if isinstance(value, dict):
-                return json.dumps(value, ensure_ascii=False, separators=(",", ":")), ""
-        start = text.find("{", start + 1)
-    return "", f"the answer holds no valid JSON object ({first_error})"
+def json_instruction(schema: dict[str, Any] | None) -> str:
+    """The text appended to the question in JSON mode."""
+    if schema is None:
+        return "\nAnswer with a single JSON object and nothing else."
+    compact = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    if len(compact) > MAX_SCHEMA_CHARS_IN_PROMPT:
+        keys = ", ".join(schema.get("properties", {}))
+        return f"\nAnswer with a single JSON object with the keys {keys} and nothing else."
+    return f"\nAnswer with a single JSON object that follows this JSON Schema, and nothing else: {compact}"

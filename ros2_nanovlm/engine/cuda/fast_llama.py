@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..quant.int4 import Int4Weight, quantize_int4
 from ..quant.int8 import Int8Rows, quantize_int8_rows
+from ..token_mask import DeviceTokenMask
 from . import kernels
 from .prefill_graphs import PrefillGraphs
 from .support import unsupported_reason as supports
@@ -71,8 +72,12 @@ class FastLlama:
         self._scratch = torch.empty(scratch, dtype=half, device=device) if self.quantized else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._prefill_graphs: PrefillGraphs | None = None  # made by capture(): CUDA only
+        self.vocab_size = lm_head.out_features if isinstance(lm_head, Int8Rows) else lm_head.shape[0]
+        # Read by every token choice, prefill and the captured decode step alike.
+        self.token_mask = DeviceTokenMask(self.vocab_size, device)
         self._gemv_configs: dict[tuple, tuple[int, ...]] = {}  # (rows, columns, gated) -> kernels.GEMV_CONFIGS entry
         self._partial_configs: dict[str, tuple[int, ...]] = {}  # "o", "down" -> kernels.GEMV_CONFIGS entry
+        self._started_ahead: tuple[int, int] | None = None  # (token, position) of a step already launched
 
     @classmethod
     def from_hf(cls, text_model, lm_head: torch.nn.Linear, *, max_tokens: int, quantize: bool,
@@ -216,8 +221,18 @@ class FastLlama:
         return self._linear(h, gate_up).chunk(2, dim=-1)
 
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
-        """Run positions start..start+L-1 (embeds (L, H)), fill their KV; the next token (greedy)."""
-        return int(torch.argmax(self.prefill_logits(embeds, start)))
+        """Run positions start..start+L-1 (embeds (L, H)), fill their KV; the next token (greedy,
+        among those the token mask allows)."""
+        # A step started ahead read the KV cache this prefill rewrites: its token is stale.
+        self._started_ahead = None
+        return int(torch.argmax(self.token_mask.apply(self.prefill_logits(embeds, start))))
+
+    def set_token_mask(self, words) -> None:
+        """The tokens the next choice may take (token_mask.py's layout); None = all. A step
+        started ahead chose without this mask: it is dropped."""
+        if words is not None:
+            self._started_ahead = None
+        self.token_mask.set(words)
 
     @torch.inference_mode()
     def prefill_logits(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
@@ -307,7 +322,7 @@ class FastLlama:
             down = self._gemv_partials(act, layer.down, "down")
         last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h, partials=down)
         self._logits_of(last, out=self._logits)
-        kernels.greedy_advance(self._logits, self._token, self._position, self._length)
+        kernels.greedy_advance(self._logits, self.token_mask.words, self._token, self._position, self._length)
 
     def _allocate_decode_buffers(self) -> None:
         device, half = self.device, torch.float16
@@ -319,8 +334,7 @@ class FastLlama:
         self._qkv = torch.zeros((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=half, device=device)
         self._attention = torch.zeros(self.n_heads, self.head_dim, dtype=half, device=device)
         self._act = torch.zeros(self.intermediate, dtype=half, device=device)
-        vocab = self.lm_head.out_features if isinstance(self.lm_head, Int8Rows) else self.lm_head.shape[0]
-        self._logits = torch.zeros(vocab, dtype=half, device=device)
+        self._logits = torch.zeros(self.vocab_size, dtype=half, device=device)
         self._attention_workspace = kernels.attention_workspace(self.n_heads, self.head_dim, self.max_tokens, device)
         self._partials = {
             name: torch.zeros(self._partial_config(name)[3], self.hidden, device=device) for name in ("o", "down")
@@ -401,6 +415,8 @@ class FastLlama:
         if self._graph is None:
             # Capturing warms up at position 0, which would overwrite a prompt's KV: do it first.
             raise RuntimeError("call capture() once after loading, before the first prefill")
+        # A constrained step needs its mask before it starts: it cannot be started ahead.
+        assert not (more and not self.token_mask.unconstrained), "more=True with a token mask set"
         more = more and position + 2 <= self.max_tokens  # the extra step's KV slot must exist
         if (token, position) != self._started_ahead:
             # The graph leaves its own output token and the next position on the GPU: only

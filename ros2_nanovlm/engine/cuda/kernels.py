@@ -496,14 +496,19 @@ def embed_token(token: torch.Tensor, table: Int8Rows | torch.Tensor, out: torch.
 
 
 @triton.jit
-def _greedy_advance_kernel(logits_ptr, token_ptr, position_ptr, length_ptr, V: tl.constexpr, BLOCK: tl.constexpr,
-                           PDL: tl.constexpr):  # fmt: skip
+def _greedy_advance_kernel(logits_ptr, mask_ptr, token_ptr, position_ptr, length_ptr, V: tl.constexpr,
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     _start_after_previous_kernels(PDL)
     best_value = tl.full((), -float("inf"), tl.float32)
     best_index = tl.full((), 0, tl.int32)
     for start in tl.static_range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         logits = tl.load(logits_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        # The token mask (constrained decoding): bit c % 32 of word c // 32. All ones when
+        # unconstrained, so the choice is the plain argmax, bit for bit.
+        words = tl.load(mask_ptr + cols // 32, mask=cols < V, other=0)
+        allowed = ((words >> (cols % 32)) & 1) != 0
+        logits = tl.where(allowed, logits, -float("inf"))
         value, index = tl.max(logits, 0, return_indices=True, return_indices_tie_break_left=True)
         better = value > best_value  # strictly: the first of equal maxima wins, as torch.argmax
         best_index = tl.where(better, start + index, best_index)
@@ -513,12 +518,16 @@ def _greedy_advance_kernel(logits_ptr, token_ptr, position_ptr, length_ptr, V: t
     tl.store(length_ptr, tl.load(length_ptr) + 1)
 
 
-def greedy_advance(logits: torch.Tensor, token: torch.Tensor, position: torch.Tensor, length: torch.Tensor) -> None:
-    """token = argmax(logits) (the first of equal maxima); position += 1; length += 1 (all (1,)
+def greedy_advance(logits: torch.Tensor, token_mask: torch.Tensor, token: torch.Tensor, position: torch.Tensor,
+                   length: torch.Tensor) -> None:  # fmt: skip
+    """token = argmax(logits) over the tokens `token_mask` allows (int32 words, bit c % 32 of
+    word c // 32 for token c; the first of equal maxima); position += 1; length += 1 (all (1,)
     device tensors): the end of a captured decode step."""
     vocab = logits.numel()
-    _greedy_advance_kernel[(1,)](logits, token, position, length, V=vocab, BLOCK=min(32768, triton.next_power_of_2(vocab)),
-                                 num_warps=16, **_launch_options(logits.device))  # fmt: skip
+    assert token_mask.dtype == torch.int32 and token_mask.numel() * 32 >= vocab
+    _greedy_advance_kernel[(1,)](logits, token_mask, token, position, length, V=vocab,
+                                 BLOCK=min(32768, triton.next_power_of_2(vocab)), num_warps=16,
+                                 **_launch_options(logits.device))  # fmt: skip
 
 
 # ---- RMSNorm --------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import Answer, Backend, GenerationRequest, InvalidInput, ModelLoadError, Timings
+from .. import generation
+from ..api import Answer, Backend, GenerationControl, GenerationRequest, InvalidInput, ModelLoadError, Timings
 from ..config import EngineConfig
 from ..frames import frame_digest
 from .composed import is_composed, load_composed
@@ -68,6 +69,7 @@ class TransformersBackend(Backend):
         self._name = name
         self.default_system_prompt = ""
         self.embeddings = EmbeddingCache(config.embedding_cache_size)
+        self._grammars = None  # JSON grammars, made on the first JSON request
 
     def _plan(self, config: EngineConfig, text_config: dict) -> bool:
         """Context size and quantization for a LLaVA text config; True when FastLlama runs it."""
@@ -132,8 +134,12 @@ class TransformersBackend(Backend):
     def device(self) -> str:
         return str(self._device)
 
+    @property
+    def multiple_images(self) -> bool:
+        return False  # LLaVA-1.5/1.6 and the demo model were trained on one image a conversation
+
     @torch.inference_mode()
-    def generate(self, request: GenerationRequest) -> Answer:
+    def generate(self, request: GenerationRequest, control: GenerationControl | None = None) -> Answer:
         started = time.perf_counter()
         timings = Timings()
 
@@ -151,44 +157,50 @@ class TransformersBackend(Backend):
                 "shorten it or reset the conversation"
             )
         budget = min(request.max_new_tokens, self.max_context - prompt_length)
+        constraint = None
+        if request.json is not None:
+            constraint = self._json_grammars().constraint(request.json.schema, request.max_new_tokens)
 
-        prefill_started = time.perf_counter()
         # At least the last prompt token is run again: its logits give the first answer token.
         reused = min(self.kv.shared_prefix(prompt.keys), prompt_length - 1)
         self.kv.truncate(reused)
         self.lm.rewind(reused)
-        token = self.lm.prefill(self._prompt_embeddings(prompt, reused, dict(images)), reused)
+        embeds_started = time.perf_counter()
+        embeds = self._prompt_embeddings(prompt, reused, dict(images))
+        embeds_ms = _ms_since(embeds_started)
         self.kv.extend(prompt.keys[reused:])
-        timings.prefill_ms = _ms_since(prefill_started)
-
-        decode_started = time.perf_counter()
-        generated = [token]
-        while token not in self.eos_ids and len(generated) < budget:
-            position = len(self.kv)
-            # more: unless this is the last token the budget allows, the runner may start the
-            # next step before returning this one's token (FastLlama does, on the GPU)
-            token = self.lm.decode_step(token, position, more=len(generated) + 1 < budget)
-            self.kv.extend([generated[-1]])
-            generated.append(token)
-        timings.decode_ms = _ms_since(decode_started)
-
-        if token in self.eos_ids:
-            stop_reason, answer_ids = "eos", generated[:-1]
-        elif len(generated) < request.max_new_tokens:
-            stop_reason, answer_ids = "context_full", generated
-        else:
-            stop_reason, answer_ids = "max_new_tokens", generated
-        text = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        result = generation.generate(
+            self.lm,
+            embeds,
+            reused,
+            max_new_tokens=request.max_new_tokens,
+            budget=budget,
+            stop_ids=self.eos_ids,
+            text=generation.TextStream(self.tokenizer),
+            kv_keys=self.kv.extend,
+            control=control,
+            constraint=constraint,
+        )
+        timings.prefill_ms = embeds_ms + result.prefill_ms
+        timings.decode_ms = result.decode_ms
         timings.total_ms = _ms_since(started)
         return Answer(
-            text=text,
-            token_ids=answer_ids,
+            text=result.text,
+            token_ids=result.token_ids,
             prompt_tokens=prompt_length,
             reused_tokens=reused,
             image_cache_hit=bool(images) and all_hits,
-            stop_reason=stop_reason,
+            stop_reason=result.stop_reason,
             timings=timings,
         )
+
+    def _json_grammars(self):
+        """The JSON grammar compiler of this model's tokenizer, made on the first JSON request."""
+        if self._grammars is None:
+            from ..structured import JsonGrammars
+
+            self._grammars = JsonGrammars(self.tokenizer, self.lm.vocab_size, self.eos_ids)
+        return self._grammars
 
     def _image_features(self, request: GenerationRequest, timings: Timings):
         """(digest, features) for each image of the conversation, through the embedding cache."""

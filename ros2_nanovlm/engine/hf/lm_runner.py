@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..token_mask import DeviceTokenMask
+
 
 class TransformersLMRunner:
     """The model's own forward: any architecture transformers supports, on any device (the CPU
@@ -23,6 +25,12 @@ class TransformersLMRunner:
             self._cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         else:
             self._cache = DynamicCache(config=model.config)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.token_mask = DeviceTokenMask(self.vocab_size, self._device)
+
+    def set_token_mask(self, words) -> None:
+        """The tokens the next choice may take (token_mask.py's layout); None = all."""
+        self.token_mask.set(words)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._model.get_input_embeddings()(ids)
@@ -56,4 +64,4 @@ class TransformersLMRunner:
             use_cache=True,
             logits_to_keep=1,
         )
-        return int(output.logits[0, -1].argmax())
+        return int(self.token_mask.apply(output.logits[0, -1]).argmax())
