@@ -61,10 +61,13 @@ class GenerationControl:
         ends inside a multi-byte character; whitespace at the end is held back until text
         follows it). The pieces concatenate to exactly `Answer.text`.
     should_stop: polled before every decode step; True stops the answer with stop reason
-        "cancelled" (within one token)."""
+        "cancelled" (within one token).
+    constraint: restricts every token choice (generation.TokenConstraint: a token mask filled
+        before each choice, applied by the runner before it picks); JSON mode makes its own."""
 
     on_token: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    constraint: Any = None
 
 
 @dataclass

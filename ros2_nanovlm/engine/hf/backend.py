@@ -157,8 +157,10 @@ class TransformersBackend(Backend):
                 "shorten it or reset the conversation"
             )
         budget = min(request.max_new_tokens, self.max_context - prompt_length)
-        constraint = None
+        constraint = control.constraint if control else None
         if request.json is not None:
+            if constraint is not None:
+                raise InvalidInput("JSON mode and a token constraint of the caller cannot be combined")
             constraint = self._json_grammars().constraint(request.json.schema, request.max_new_tokens)
 
         # At least the last prompt token is run again: its logits give the first answer token.
