@@ -69,6 +69,47 @@ def check_steps_started_ahead(lm, embeds, first: int, label: str) -> None:
         failures.append(name)
 
 
+def check_token_mask(lm, embeds, first: int, label: str) -> None:
+    """The captured step reads the token mask: all ones, every token is the plain argmax of the
+    step's own logits (what the step chose before the mask existed, bit for bit); a restrictive
+    mask, every token is the argmax over the allowed ones (prefill included)."""
+    import numpy as np
+
+    from ros2_nanovlm.engine.token_mask import words_allowing
+
+    def follow(mask_words) -> tuple[bool, list[int]]:
+        lm.set_token_mask(None)
+        lm.prefill_logits(embeds[:299], 0)
+        token, agree, tokens = first, True, []
+        for step in range(24):
+            lm.set_token_mask(mask_words)
+            token = lm.decode_step(token, 299 + step)
+            logits = lm.token_mask.apply(lm._logits.float())
+            agree = agree and token == int(torch.argmax(logits))
+            tokens.append(token)
+        lm.set_token_mask(None)
+        return agree, tokens
+
+    free_agree, free_tokens = follow(None)
+    allowed = np.random.default_rng(0).choice(lm.vocab_size, 40, replace=False)
+    masked_agree, masked_tokens = follow(words_allowing(allowed.tolist(), lm.vocab_size))
+    lm.set_token_mask(words_allowing(allowed.tolist(), lm.vocab_size))
+    prefill_token = lm.prefill(embeds[:299], 0)
+    lm.set_token_mask(None)
+    results = {
+        f"FastLlama {label} all-ones mask: every token is the plain argmax": free_agree,
+        f"FastLlama {label} restrictive mask: every token allowed and the best of them": masked_agree
+        and set(masked_tokens) <= set(allowed.tolist())
+        and prefill_token in set(allowed.tolist()),
+        f"FastLlama {label} restrictive mask changes the tokens": masked_tokens != free_tokens,
+    }
+    for name, ok in results.items():
+        report["checks"][name] = {"ok": ok}
+        print(f"{'ok  ' if ok else 'FAIL'} {name}", flush=True)
+        if not ok:
+            failures.append(name)
+
+
 def check_kernels() -> None:
     torch.manual_seed(0)
     for name, (n, k, gated) in {
@@ -240,6 +281,7 @@ def check_fast_llama() -> None:
             again = lm.prefill_logits(lm.embed(both), 0)
             check(f"FastLlama {label} second graph step vs prefill", lm._logits.float(), again, 5e-3)
             check_steps_started_ahead(lm, embeds, int(ids[0, 299]), label)
+            check_token_mask(lm, embeds, int(ids[0, 299]), label)
             report["checks"][f"FastLlama {label} next token agrees"] = {"ok": token == int(torch.argmax(again))}
             # The prompt of 299 tokens was the second at (start 0, 320 padded): it ran as a
             # captured graph, as did the 301 tokens after it; 300 again replays that graph.

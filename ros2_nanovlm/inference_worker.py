@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+MAX_WAIT_S = 3600.0  # longest single wait; a longer period is waited in steps
+
 
 class WorkerBusy(RuntimeError):
     """The task queue is full."""
@@ -119,7 +121,8 @@ class InferenceWorker:
                         self._limiter.mark_started(now)
                         frame, self._frame, self._has_frame = self._frame, None, False
                         return "frame", frame
-                    self._wake.wait(wait)
+                    # Bounded: a tiny rate (1e-12 Hz) means a wait longer than a lock can take.
+                    self._wake.wait(min(wait, MAX_WAIT_S))
                 else:
                     self._wake.wait()
             return None

@@ -136,3 +136,18 @@ def test_rate_limiter_spaces_starts_by_the_period():
     assert limiter.seconds_until_ready(100.0) == 0.0
     with pytest.raises(ValueError):
         limiter.set_rate(-1.0)
+
+
+def test_a_tiny_rate_waits_without_killing_the_worker(recorder):
+    """rate 1e-12 Hz is inside the parameter's range: its period overflowed the condition wait
+    and killed the thread, so the node answered nothing, forever."""
+    worker = InferenceWorker(recorder, rate_hz=1e-12)
+    worker.start()
+    try:
+        worker.offer_frame("first")
+        recorder.wait_for(1)  # the first frame starts at once
+        worker.offer_frame("second")  # waits for its period: 10^12 s
+        assert worker.submit(lambda: "still serving").result(WAIT) == "still serving"
+        assert recorder.frames == ["first"]
+    finally:
+        worker.stop()
