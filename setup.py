@@ -18,6 +18,8 @@ setup(
         "opencv-python-headless",
         "pillow",
         "prompt-toolkit",
+        "llguidance",
+        "jsonschema",
         "torch>=2.4",
         # The engine drives transformers' StaticCache directly; its internals move between minors.
         "transformers==5.17.*",

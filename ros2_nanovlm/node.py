@@ -32,7 +32,8 @@ from nanovlm.srv import Query
 
 from . import parameters
 from .default_model import DEFAULT_MODEL_DESCRIPTION, ensure_default_model
-from .engine import Answer, EngineConfig, EngineError, VLMEngine
+from .engine import Answer, EngineConfig, EngineError, InvalidInput, VLMEngine
+from .engine.structured import load_schema
 from .image_conversion import (
     ImageConversionError,
     check_image_msg,
@@ -62,6 +63,8 @@ class VLMNode(Node):
 
         self._engine: VLMEngine | None = None
         self._engine_status = "the model is loading"
+        # The parsed json_schema parameter (checked when set); replaced whole, read by the worker.
+        self._json_schema = load_schema(self._param("json_schema"))
         self._latest_frame: Image | CompressedImage | None = None
         self._counts_lock = threading.Lock()
         self.frames_received = 0
@@ -143,9 +146,16 @@ class VLMNode(Node):
         for parameter in changed:
             if parameter.name == "rate":
                 self._worker.set_rate(parameter.value)
+            elif parameter.name == "json_schema":
+                self._json_schema = load_schema(parameter.value)
             elif parameter.name == "model.path":
+                try:
+                    self._worker.submit(lambda path=parameter.value: self._load_engine(path))
+                except WorkerBusy as error:
+                    # The value is set but the old model stays: say so, rather than crash the node.
+                    self.get_logger().error(f"model.path: the new model is not loaded ({error}); set it again later")
+                    continue
                 self._engine_status = "the model is loading"
-                self._worker.submit(lambda path=parameter.value: self._load_engine(path))
 
     # ---- model ------------------------------------------------------------------------------
 
@@ -169,8 +179,9 @@ class VLMNode(Node):
                 max_image_pixels=self._param("max_image_pixels"),
             )
             engine = VLMEngine.load(config)
-        except (EngineError, ValueError, OSError) as error:
-            self._engine_status = f"no model loaded: {error}"
+        except Exception as error:  # noqa: BLE001 - any load failure leaves a clear state, never "loading"
+            reason = str(error) if isinstance(error, (EngineError, ValueError, OSError)) else repr(error)
+            self._engine_status = f"no model loaded: {reason}"
             self.get_logger().error(self._engine_status)
             return
         self._engine = engine
@@ -178,8 +189,9 @@ class VLMNode(Node):
         note = f" ({DEFAULT_MODEL_DESCRIPTION})" if not self._param("model.path") else ""
         self.get_logger().info(f"model '{engine.model_name}' loaded on {engine.device}{note}")
 
-    def _ask(self, frame_msg, prompt: str, max_new_tokens: int | None) -> Answer:
-        """Runs on the worker: one answer about one image message."""
+    def _ask(self, frame_msg, prompt: str, max_new_tokens: int | None, json_schema: dict | None = None) -> Answer:
+        """Runs on the worker: one answer about one image message. JSON mode: `json_schema`
+        (a request's), else the node's json_schema, else json_output (any object)."""
         engine = self._engine
         if engine is None:
             raise ModelUnavailable(self._engine_status)
@@ -188,12 +200,15 @@ class VLMNode(Node):
             frame = compressed_msg_to_rgb(frame_msg, max_pixels)
         else:
             frame = image_msg_to_rgb(frame_msg, max_pixels)
+        if json_schema is None:
+            json_schema = self._json_schema
         return engine.ask(
             prompt,
             frame,
             system_prompt=self._param("system_prompt"),
             max_new_tokens=max_new_tokens or self._param("max_new_tokens"),
             json_output=self._param("json_output"),
+            json_schema=json_schema,
         )
 
     # ---- camera stream ----------------------------------------------------------------------
@@ -290,7 +305,14 @@ class VLMNode(Node):
                 return response
         response.header = frame_msg.header
         try:
-            future = self._worker.submit(lambda: self._ask(frame_msg, request.prompt, request.max_new_tokens))
+            json_schema = load_schema(request.json_schema)
+        except InvalidInput as error:
+            response.error = str(error)
+            return response
+        try:
+            future = self._worker.submit(
+                lambda: self._ask(frame_msg, request.prompt, request.max_new_tokens, json_schema)
+            )
         except WorkerBusy as error:
             response.error = f"busy: {error}"
             return response
@@ -308,10 +330,11 @@ class VLMNode(Node):
             self.get_logger().error(f"query failed: {error!r}")
             response.error = f"internal error: {error!r}"
             return response
-        response.success = True
         response.answer = answer.text
         response.json = answer.json
         response.error = answer.json_error
+        # JSON mode without complete JSON is a failure: a robot program must not parse the partial text.
+        response.success = not answer.json_error
         return response
 
     # ---- bookkeeping ------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
+from .engine.api import InvalidInput
 from .engine.config import DEVICES_HELP, DTYPES, is_valid_device
+from .engine.structured import load_schema
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,17 @@ SPECS = (
     Spec("system_prompt", "", "System prompt for every question (stream and query service)"),
     Spec("rate", 1.0, "Most camera frames answered per second; 0 = as fast as the model goes", low=0.0, high=1000.0),
     Spec("max_new_tokens", 32, "Longest answer in tokens", low=1, high=4096),
-    Spec("json_output", False, "Ask the model for JSON and publish the first JSON object it writes"),
+    Spec(
+        "json_output",
+        False,
+        "Answer with one JSON object (any), guaranteed by constrained decoding; json_schema, when set, wins",
+    ),
+    Spec(
+        "json_schema",
+        "",
+        "Answer with JSON valid for this JSON Schema (inline JSON text, or a path to a .json file), "
+        "guaranteed by constrained decoding; empty = none",
+    ),
     Spec(
         "subscribe_compressed",
         False,
@@ -96,4 +108,9 @@ def check(name: str, value: Any, max_prompt_chars: int) -> str:
         return f"model.device '{value}' is not one of {DEVICES_HELP}"
     elif name == "model.dtype" and value not in DTYPES:
         return f"model.dtype '{value}' is not one of {', '.join(DTYPES)}"
+    elif name == "json_schema":
+        try:
+            load_schema(value)
+        except InvalidInput as error:
+            return str(error)
     return ""

@@ -94,8 +94,10 @@ class Client:
         assert future.done(), "no reply in time"
         return future.result()
 
-    def query(self, prompt: str, image: Image | None = None, max_new_tokens: int = 0) -> Query.Response:
-        request = Query.Request(prompt=prompt, max_new_tokens=max_new_tokens)
+    def query(
+        self, prompt: str, image: Image | None = None, max_new_tokens: int = 0, json_schema: str = ""
+    ) -> Query.Response:
+        request = Query.Request(prompt=prompt, max_new_tokens=max_new_tokens, json_schema=json_schema)
         if image is not None:
             request.image = image
         return self._await(self.query_client.call_async(request))

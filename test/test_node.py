@@ -178,6 +178,8 @@ def test_parameters_change_at_run_time(node, photos):
         ("prompt", "   ", "prompt must not be empty"),
         ("model.path", "/does/not/exist", "'/does/not/exist' is not an existing directory"),
         ("model.device", "cuda:0", "read-only"),
+        ("json_schema", '{"type": "objekt"}', "not a valid JSON Schema"),
+        ("json_schema", "/no/such/schema.json", "/no/such/schema.json"),
     ],
 )
 def test_invalid_parameter_values_are_rejected_with_a_reason(node, name, value, reason):
@@ -190,18 +192,56 @@ def test_invalid_parameter_values_are_rejected_with_a_reason(node, name, value, 
     assert client.get_parameter(name) == before
 
 
-def test_json_output_mode(node, photos):
+SIGN_SCHEMA = {
+    "type": "object",
+    "properties": {"sign": {"type": "string"}, "exit": {"type": "string"}, "distance": {"type": "string"}},
+    "required": ["sign", "exit", "distance"],
+}
+
+
+def test_json_modes_on_the_stream_give_valid_json_or_a_budget_error(node, photos):
+    import jsonschema
+
     _, client = node
     assert client.set_parameter("json_output", True).successful
     try:
-        result = send_until_answered(client, frame_msg(photos["fruit"]))
-        # The random model writes no JSON: json stays empty and the result says why.
-        assert result.json == ""
-        assert "JSON" in result.json_error
-        document = json_document_for(client, result)
-        assert document["json"] is None and document["json_error"] == result.json_error
+        # 6 tokens of a byte-level model cannot hold an object: an explicit error, never half a JSON.
+        short = send_until_answered(client, frame_msg(photos["fruit"]))
+        assert short.json == "" and "max_new_tokens" in short.json_error
+        assert json_document_for(client, short)["json"] is None
+
+        assert client.set_parameter("max_new_tokens", 200).successful
+        assert client.set_parameter("json_schema", json.dumps(SIGN_SCHEMA)).successful
+        result = send_until_answered(client, frame_msg(photos["hoover"]))
+        assert result.json_error == ""
+        jsonschema.validate(json.loads(result.json), SIGN_SCHEMA)
+        assert json_document_for(client, result)["json"] == json.loads(result.json)
     finally:
-        assert client.set_parameter("json_output", False).successful
+        for name, value in (("json_schema", ""), ("json_output", False), ("max_new_tokens", 6)):
+            assert client.set_parameter(name, value).successful
+
+
+def test_query_with_a_json_schema(node, photos, tmp_path):
+    import jsonschema
+
+    _, client = node
+    image = frame_msg(photos["hoover"])
+    schema_file = tmp_path / "sign.json"
+    schema_file.write_text(json.dumps(SIGN_SCHEMA))
+    for schema in (json.dumps(SIGN_SCHEMA), str(schema_file)):
+        response = client.query(
+            "Extract any text from the image as JSON.", image, max_new_tokens=200, json_schema=schema
+        )
+        assert response.success, response.error
+        jsonschema.validate(json.loads(response.json), SIGN_SCHEMA)
+    too_short = client.query("Extract the text.", image, max_new_tokens=3, json_schema=json.dumps(SIGN_SCHEMA))
+    assert not too_short.success and "max_new_tokens" in too_short.error and too_short.json == ""
+    bad = client.query("Extract the text.", image, json_schema='{"type": "strng"}')
+    assert not bad.success and "json_schema" in bad.error and "strng" in bad.error
+    missing = client.query("Extract the text.", image, json_schema="/nowhere/schema.json")
+    assert not missing.success and "/nowhere/schema.json" in missing.error
+    # The node keeps serving plain questions.
+    assert client.query("What is in the image?", image).success
 
 
 def test_rate_limit_answers_about_two_newest_frames_a_second(node, photos):
