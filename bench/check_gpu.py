@@ -77,13 +77,16 @@ def check_token_mask(lm, embeds, first: int, label: str) -> None:
 
     from ros2_nanovlm.engine.token_mask import words_allowing
 
-    def follow(mask_words) -> tuple[bool, list[int]]:
+    def follow(mask_words, overlapped: bool = False) -> tuple[bool, list[int]]:
         lm.set_token_mask(None)
         lm.prefill_logits(embeds[:299], 0)
         token, agree, tokens = first, True, []
         for step in range(24):
-            lm.set_token_mask(mask_words)
-            token = lm.decode_step(token, 299 + step)
+            if overlapped:  # the mask set while the step's layers run (two graphs)
+                token = lm.decode_step(token, 299 + step, fill_mask=lambda: lm.set_token_mask(mask_words))
+            else:
+                lm.set_token_mask(mask_words)
+                token = lm.decode_step(token, 299 + step)
             logits = lm.token_mask.apply(lm._logits.float())
             agree = agree and token == int(torch.argmax(logits))
             tokens.append(token)
@@ -93,6 +96,7 @@ def check_token_mask(lm, embeds, first: int, label: str) -> None:
     free_agree, free_tokens = follow(None)
     allowed = np.random.default_rng(0).choice(lm.vocab_size, 40, replace=False)
     masked_agree, masked_tokens = follow(words_allowing(allowed.tolist(), lm.vocab_size))
+    overlapped_agree, overlapped_tokens = follow(words_allowing(allowed.tolist(), lm.vocab_size), overlapped=True)
     lm.set_token_mask(words_allowing(allowed.tolist(), lm.vocab_size))
     prefill_token = lm.prefill(embeds[:299], 0)
     lm.set_token_mask(None)
@@ -102,6 +106,8 @@ def check_token_mask(lm, embeds, first: int, label: str) -> None:
         and set(masked_tokens) <= set(allowed.tolist())
         and prefill_token in set(allowed.tolist()),
         f"FastLlama {label} restrictive mask changes the tokens": masked_tokens != free_tokens,
+        f"FastLlama {label} mask filled while the layers run: the same tokens": overlapped_agree
+        and overlapped_tokens == masked_tokens,
     }
     for name, ok in results.items():
         report["checks"][name] = {"ok": ok}

@@ -10,10 +10,13 @@ A runner offers (hf/lm_runner.py, cuda/fast_llama.py):
     vocab_size                          the logits' width
     set_token_mask(words | None)        the mask of the next choice (token_mask.py), None = all
     prefill(embeds, start) -> token     positions start.., their KV written; the first token
-    decode_step(token, position, more=) feed `token` at `position`; the next token. `more`: the
+    decode_step(token, position, more=, fill_mask=)
+                                        feed `token` at `position`; the next token. `more`: the
                                         caller will probably feed the result back, so the runner
                                         may start that step before returning (never with a mask:
-                                        the next mask depends on this token)
+                                        the next mask depends on this token). `fill_mask`: sets
+                                        this choice's mask; the runner calls it once the step's
+                                        layers are under way (FastLlama: while the GPU runs them)
 """
 
 from __future__ import annotations
@@ -157,11 +160,13 @@ def generate(
         if should_stop():
             stop_reason = "cancelled"
             break
-        choose_next(budget - len(generated))
         # more: unless this is the last token the budget allows, or the next choice needs a
         # mask that depends on this token, the runner may start the next step right away.
-        more = constraint is None and len(generated) + 1 < budget
-        token = runner.decode_step(token, position, more=more)
+        if constraint is None:
+            token = runner.decode_step(token, position, more=len(generated) + 1 < budget)
+        else:
+            tokens_left = budget - len(generated)
+            token = runner.decode_step(token, position, fill_mask=lambda left=tokens_left: choose_next(left))
         kv_keys([generated[-1]])
         position += 1
     last = text.finish()

@@ -48,9 +48,12 @@ class TransformersLMRunner:
     def prefill(self, embeds: torch.Tensor, start: int) -> int:
         return self._forward(start, inputs_embeds=embeds[None])
 
-    def decode_step(self, token: int, position: int, *, more: bool = False) -> int:
+    def decode_step(self, token: int, position: int, *, more: bool = False, fill_mask=None) -> int:
         """The next token after `token` at `position`; `more` (a hint that the caller will feed
-        the result back) changes nothing here: eager transformers has no step to start early."""
+        the result back) changes nothing here: eager transformers has no step to start early.
+        fill_mask sets this choice's mask (called first: nothing runs asynchronously here)."""
+        if fill_mask is not None:
+            fill_mask()
         return self._forward(position, input_ids=torch.tensor([[token]], device=self._device))
 
     def _forward(self, start: int, *, input_ids=None, inputs_embeds=None) -> int:
