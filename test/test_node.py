@@ -199,16 +199,16 @@ SIGN_SCHEMA = {
 }
 
 
-def test_json_modes_on_the_stream_give_valid_json_or_a_budget_error(node, photos):
+def test_json_modes_on_the_stream_give_valid_json(node, photos):
     import jsonschema
 
     _, client = node
     assert client.set_parameter("json_output", True).successful
     try:
-        # 6 tokens of a byte-level model cannot hold an object: an explicit error, never half a JSON.
+        # Any object, in 6 tokens of a byte-level random model: the mask closes it in time.
         short = send_until_answered(client, frame_msg(photos["fruit"]))
-        assert short.json == "" and "max_new_tokens" in short.json_error
-        assert json_document_for(client, short)["json"] is None
+        assert short.json_error == "" and isinstance(json.loads(short.json), dict)
+        assert json_document_for(client, short)["json"] == json.loads(short.json)
 
         assert client.set_parameter("max_new_tokens", 200).successful
         assert client.set_parameter("json_schema", json.dumps(SIGN_SCHEMA)).successful
