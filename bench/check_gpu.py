@@ -24,6 +24,8 @@ from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4
 from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows
 
 DEVICE = torch.device("cuda")
+# (rows, columns) of the 7B's linear layers, as FastLlama fuses them
+LLAVA_7B_MATRICES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 failures: list[str] = []
 report: dict = {"checks": {}, "gemv_bandwidth": {}}
 
@@ -170,12 +172,7 @@ def measure_gemv_bandwidth() -> None:
     # Eight different matrices of each shape in turn, so the weights stream from memory as in a
     # decode step (one matrix alone would sit in the 50 MB L2 cache).
     copies = 8
-    for name, (n, k) in {
-        "qkv": (12288, 4096),
-        "o": (4096, 4096),
-        "gate_up": (22016, 4096),
-        "down": (4096, 11008),
-    }.items():
+    for name, (n, k) in LLAVA_7B_MATRICES.items():
         gated, split = name == "gate_up", name in ("o", "down")
         weights = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02 for _ in range(copies)]
         packed = [quantize_int4(weight) for weight in weights]
@@ -229,12 +226,7 @@ def measure_gemlite() -> None:
     if config.is_file():
         gemlite.load_config(str(config))
     rows = {}
-    for name, (n, k) in {
-        "qkv": (12288, 4096),
-        "o": (4096, 4096),
-        "gate_up": (22016, 4096),
-        "down": (4096, 11008),
-    }.items():
+    for name, (n, k) in LLAVA_7B_MATRICES.items():
         try:
             q = torch.randint(0, 16, (n, k), device=DEVICE, dtype=torch.uint8)
             scales = torch.rand(n, k // 128, device=DEVICE, dtype=torch.float16) * 0.01
