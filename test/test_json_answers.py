@@ -15,7 +15,7 @@ from ros2_nanovlm.engine import EngineConfig, InvalidInput, VLMEngine
 MAX_BUDGET_ERRORS = 0.05
 
 
-@pytest.mark.parametrize("model, count", [("tiny_llava", 8), ("demo_model", 20)])
+@pytest.mark.parametrize("model, count", [("tiny_llava", 8), ("demo_model", 8)])
 def test_json_answers_are_valid_for_their_schema_or_a_budget_error(model, count, request, photos):
     engine = VLMEngine.load(EngineConfig(model_path=str(request.getfixturevalue(model)), device="cpu"))
     for name, figures in check_json_answers(engine, photos, count).items():
