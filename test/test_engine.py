@@ -148,12 +148,14 @@ def test_invalid_config_values_are_refused():
             config.validate()
 
 
-def test_json_mode_extracts_the_first_object(tiny_llava, photos):
+def test_json_mode_returns_an_object_even_from_a_random_model(tiny_llava, photos):
     engine = VLMEngine.load(EngineConfig(model_path=str(tiny_llava), max_new_tokens=4))
     answer = engine.ask("List the objects.", photos["boxes"], json_output=True)
-    # A random model writes no JSON: the answer says why instead of failing silently.
-    assert answer.json == ""
-    assert "no" in answer.json_error and "JSON" in answer.json_error
+    # The grammar forces a closing path before the 4-token budget runs out: a random model's
+    # answer is still one JSON object, and nothing is reported as an error.
+    assert isinstance(json.loads(answer.json), dict)
+    assert answer.json_error == ""
+    assert answer.text == answer.json
 
 
 def test_fast_path_runs_llama_and_says_why_not_for_stablelm(tiny_llava, tiny_llava_stablelm):
