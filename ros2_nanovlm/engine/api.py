@@ -8,7 +8,7 @@ the same `Backend` class. Nothing here imports torch, so callers can type-check 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerationRequest, control: GenerationControl | None = None) -> Answer:
         """Answer the last user turn of `request` greedily; raise InvalidInput for bad requests."""
+
+    def prepare_images(self, frames: Sequence[np.ndarray]) -> int:
+        """Encode these frames in one batch into the embedding cache; returns how many were
+        encoded (frames already cached are skipped). The engine has checked the frames. Optional:
+        a backend without an embedding cache encodes nothing and returns 0."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional: most backends free memory by dropping references
         """Release memory held by the model (optional)."""

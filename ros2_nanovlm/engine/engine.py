@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,30 @@ class VLMEngine:
             on_token=on_token,
             cancel=cancel,
         )
+
+    def prepare_images(self, frames: Sequence[np.ndarray]) -> int:
+        """Run `frames` (RGB uint8, as ask() takes them) through the vision encoder in one batch
+        and keep their embeddings in the embedding cache, so that the next ask() about each of
+        them skips the encoder (Answer.image_cache_hit, vision_ms 0). For frames of several
+        cameras that wait at once: one batched forward costs less than one forward per frame.
+
+        Returns how many frames were encoded: frames already cached and repeats are skipped, and
+        at most embedding_cache_size are encoded (more would evict each other before they are
+        asked about). Raises InvalidInput, and encodes nothing, if any frame is one that ask()
+        refuses."""
+        if isinstance(frames, np.ndarray) and frames.ndim == 3:
+            raise InvalidInput("prepare_images takes a list of frames, not one frame: pass [frame]")
+        try:
+            frames = list(frames)
+        except TypeError:
+            raise InvalidInput(f"frames must be a list of images, got {type(frames).__name__}") from None
+        # Every frame is checked before any is encoded: a request fails as a whole.
+        for frame in frames:
+            check_frame(frame, self.config.max_image_pixels)
+        if not frames:
+            return 0
+        with self._lock:
+            return self._backend.prepare_images(frames)
 
     def chat(self, system_prompt: str = "") -> ChatSession:
         return ChatSession(self, system_prompt)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hf.vision import image_features
+from ..hf.vision import image_features, image_features_per_image
 
 
 class GpuLlavaImageEncoder:
@@ -69,6 +69,18 @@ class GpuLlavaImageEncoder:
         self._pixels.copy_(pixels)
         self._graph.replay()
         return self._features.clone()  # the graph overwrites its output on the next frame
+
+    @torch.inference_mode()
+    def encode_batch(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """Several frames through one forward of the encoder: per frame what __call__ gives.
+
+        One frame replays the batch-1 graph. A batch runs uncaptured: the graph saves launch
+        overhead, which a batch already shares among its frames, and a graph per batch size
+        would keep its own activation memory for every camera count that ever occurs."""
+        if len(frames) == 1:
+            return [self(frames[0])]
+        pixels = torch.cat([self.preprocess(frame) for frame in frames])  # (frames, 3, crop)
+        return image_features_per_image(self._model, pixels, len(frames), **self._feature_kwargs)
 
 
 def _field(size, name: str):

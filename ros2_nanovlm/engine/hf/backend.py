@@ -5,6 +5,7 @@ Llama-family language models run through FastLlama (4-bit weights, CUDA-graph de
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,31 @@ class TransformersBackend(Backend):
 
             self._grammars = JsonGrammars(self.tokenizer, self.lm.vocab_size, self.eos_ids)
         return self._grammars
+
+    @torch.inference_mode()
+    def prepare_images(self, frames: Sequence[np.ndarray]) -> int:
+        """Encode the frames the embedding cache lacks with one batched call of the encoder."""
+        batch: set[str] = set()  # distinct frames of this call, cached or not
+        pending: dict[str, np.ndarray] = {}  # digest -> frame to encode
+        for frame in frames:
+            digest = frame_digest(frame)
+            if digest in batch:
+                continue
+            # No more frames than the cache holds: the later puts would evict the earlier
+            # frames of the same call before anyone asked about them.
+            if len(batch) == self.embeddings.capacity:
+                break
+            batch.add(digest)
+            # A hit is looked up all the same: that marks it recently used, so this call's
+            # puts evict older entries rather than a frame that is about to be asked about.
+            if self.embeddings.get(digest) is None:
+                pending[digest] = np.ascontiguousarray(frame)
+        if not pending:
+            return 0
+        features = self.encode_image.encode_batch(list(pending.values()))
+        for digest, each in zip(pending, features, strict=True):
+            self.embeddings.put(digest, each)
+        return len(pending)
 
     def _image_features(self, request: GenerationRequest, timings: Timings):
         """(digest, features) for each image of the conversation, through the embedding cache."""

@@ -57,6 +57,15 @@ class ComposedImageEncoder:
         pixels = self._preprocess(frame).to(self._device)
         return self._projector(self._vision.forward_features(pixels))[0].to(self._dtype)
 
+    @torch.inference_mode()
+    def encode_batch(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """Several frames through one forward of encoder and projector: per frame what __call__
+        gives (every frame is preprocessed to the same size and gives the same token count)."""
+        pixels = torch.cat([self._preprocess(frame) for frame in frames]).to(self._device)
+        tokens = self._projector(self._vision.forward_features(pixels)).to(self._dtype)
+        # A copy each, not views of the batch: evicting one frame from the cache frees its memory.
+        return [each.clone() for each in tokens]
+
 
 def load_composed(model_path: str, device: torch.device, dtype: torch.dtype):
     """(language model, tokenizer, image encoder, default system prompt, image token)."""
