@@ -27,7 +27,9 @@ setup(
     extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
-            "nanovlm-node = ros2_nanovlm.node:main",
+            "nanovlm-node = ros2_nanovlm.ros.node:main",
+            "nanovlm-lifecycle-node = ros2_nanovlm.ros.lifecycle_node:main",
+            "nanovlm-ask = ros2_nanovlm.tools.ask:main",
             "nanovlm-camera = ros2_nanovlm.camera_player:main",
             "nanovlm-demo = ros2_nanovlm.demo:main",
             "nanovlm-chat = ros2_nanovlm.tools.chat:main",

@@ -91,7 +91,7 @@ def node_fps(seconds: float) -> dict:
     os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_large_images.xml")
     from ros2_nanovlm.default_model import ensure_default_model
 
-    node = subprocess.Popen([sys.executable, "-m", "ros2_nanovlm.node", "--ros-args", "--params-file", str(REPO / "config" / "vlm.yaml"),
+    node = subprocess.Popen([sys.executable, "-m", "ros2_nanovlm.ros.node", "--ros-args", "--params-file", str(REPO / "config" / "vlm.yaml"),
                              "-p", f"model.path:={ensure_default_model()}", "-p", "rate:=0.0", "-p", "max_new_tokens:=24",
                              "-p", "prompt:=What is in the image?"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     rclpy.init()

@@ -12,9 +12,9 @@ from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from .image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 from .resources import bundled_photos_dir, list_photos
-from .ros_entry import spin_node
+from .ros.entry import spin_node
+from .ros.image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 
 SENT_STAMPS_KEPT = 1000
 

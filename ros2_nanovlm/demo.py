@@ -42,7 +42,7 @@ def parse_args(argv):
 
 def start_node(args, model_path: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "ros2_nanovlm.node",
+        sys.executable, "-m", "ros2_nanovlm.ros.node",
         "--ros-args",
         "--params-file", str(default_params_file()),
         "-r", f"__ns:={NAMESPACE}",
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     from nanovlm.srv import Query
 
     from .camera_player import CameraPlayer, load_photo
-    from .image_conversion import rgb_to_image_msg
+    from .ros.image_conversion import rgb_to_image_msg
 
     executor = SingleThreadedExecutor()
     listener = Node("demo_listener", namespace=NAMESPACE)

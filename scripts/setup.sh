@@ -47,7 +47,7 @@ if changed python-packages requirements/*.txt setup.py "$stamp_dir/torch-spec"; 
   done_step python-packages
 fi
 
-if changed interfaces CMakeLists.txt package.xml msg/* srv/* cmake/*; then
+if changed interfaces CMakeLists.txt package.xml msg/* srv/* action/* cmake/*; then
   step "building the nanovlm ROS interfaces into the venv"
   # The wheels install a ROS prefix into the venv itself; CMake finds it through AMENT_PREFIX_PATH.
   export AMENT_PREFIX_PATH=$VIRTUAL_ENV
@@ -63,6 +63,7 @@ fi
 step "checking the install"
 python - <<'PY'
 from nanovlm.msg import VLMResult  # noqa: F401  (the generated interfaces)
+from nanovlm.action import Ask  # noqa: F401
 import rclpy, torch, transformers
 from ros2_nanovlm.default_model import ensure_default_model
 print(f"rclpy ok, torch {torch.__version__}, transformers {transformers.__version__}")

@@ -30,7 +30,7 @@ class NodeProcess:
     def __init__(self, namespace: str, log_path: Path, *overrides: str, command: list[str] | None = None):
         self.namespace = namespace
         self.log_path = log_path
-        command = (command or [sys.executable, "-m", "ros2_nanovlm.node"]) + [
+        command = (command or [sys.executable, "-m", "ros2_nanovlm.ros.node"]) + [
             "--ros-args",
             "--params-file", str(PARAMS_FILE),
             "-r", f"__ns:={namespace}",

@@ -74,7 +74,7 @@ def test_installed_node_answers_a_query(colcon_install, tiny_llava, tmp_path, ph
     executable = [sys.executable, str(colcon_install / "lib" / "nanovlm" / "vlm_node")]
     process = NodeProcess("/installed", tmp_path / "node.log", f"model.path:={tiny_llava}", command=executable)
     with connected_client(process) as client:
-        from ros2_nanovlm.image_conversion import rgb_to_image_msg
+        from ros2_nanovlm.ros.image_conversion import rgb_to_image_msg
 
         response = client.query("What is in the image?", rgb_to_image_msg(photos["dogs"]))
         assert response.success, response.error

@@ -8,7 +8,7 @@ from ros_harness import NodeProcess, connected_client
 from subjects import SUBJECTS, names_subject
 
 from ros2_nanovlm.engine import EngineConfig, VLMEngine
-from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_nanovlm.ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
 
 QUESTION = "What is in the image?"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
-from ros2_nanovlm.image_conversion import (
+from ros2_nanovlm.ros.image_conversion import (
     ImageConversionError,
     compressed_msg_to_rgb,
     image_msg_to_rgb,

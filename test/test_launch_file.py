@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ros2_nanovlm import parameters
+from ros2_nanovlm.ros import parameters
 
 REPO = Path(__file__).resolve().parent.parent
 

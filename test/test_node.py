@@ -11,8 +11,8 @@ from builtin_interfaces.msg import Time
 from ros_harness import NodeProcess, connected_client
 from std_msgs.msg import Header
 
-from ros2_nanovlm.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
-from ros2_nanovlm.node import CALLBACKS_TAKE_MESSAGE_INFO
+from ros2_nanovlm.ros.image_conversion import rgb_to_compressed_msg, rgb_to_image_msg
+from ros2_nanovlm.ros.node import CALLBACKS_TAKE_MESSAGE_INFO
 
 _stamp_counter = [0]
 

@@ -1,6 +1,6 @@
 """Counting the frames a publisher sent that never arrived, from sequence numbers (no ROS)."""
 
-from ros2_nanovlm.sequence_gaps import SequenceGaps
+from ros2_nanovlm.ros.sequence_gaps import SequenceGaps
 
 
 def test_gaps_are_counted_per_publisher():

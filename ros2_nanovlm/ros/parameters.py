@@ -8,15 +8,18 @@ the node's on-set callback.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from .engine.api import InvalidInput
-from .engine.config import DEVICES_HELP, DTYPES, is_valid_device
-from .engine.structured import load_schema
+from ..engine.api import InvalidInput
+from ..engine.config import DEVICES_HELP, DTYPES, is_valid_device
+from ..engine.structured import load_schema
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class Spec:
     read_only: bool = False
     low: float | None = None
     high: float | None = None
+    # A list parameter with an empty default is declared by type (rclpy cannot infer the type of
+    # []), so a params file may leave it out.
+    string_array: bool = False
 
     def descriptor(self) -> ParameterDescriptor:
         descriptor = ParameterDescriptor(name=self.name, description=self.description, read_only=self.read_only)
@@ -38,6 +44,14 @@ class Spec:
 
 
 SPECS = (
+    Spec(
+        "cameras",
+        [],
+        "Camera names; each subscribes <name>/image and publishes <name>/answer, <name>/result, "
+        "<name>/result_json, <name>/annotated_image. Empty = one camera on image, answer, ...",
+        read_only=True,
+        string_array=True,
+    ),
     Spec(
         "model.path",
         "",
@@ -84,9 +98,41 @@ SPECS = (
         high=1 << 30,
     ),
     Spec("max_prompt_chars", 2000, "Longer prompts are refused with an error", read_only=True, low=1, high=100000),
-    Spec("query_timeout", 60.0, "Seconds a query service call waits for its answer", low=0.1, high=3600.0),
+    Spec(
+        "query_timeout",
+        60.0,
+        "Seconds a query or an Ask goal may take, queue included; past it the answer is stopped "
+        "and the caller gets a timeout error",
+        low=0.1,
+        high=3600.0,
+    ),
+    Spec(
+        "max_pending_requests",
+        8,
+        "Queries and Ask goals that may wait for the model; more are refused as busy",
+        read_only=True,
+        low=1,
+        high=256,
+    ),
+    Spec(
+        "feedback_period",
+        0.1,
+        "Seconds between Ask action feedback messages while an answer streams; 0 = one per token",
+        low=0.0,
+        high=10.0,
+    ),
+    Spec(
+        "diagnostics.stale_after",
+        5.0,
+        "Seconds without a camera frame before /diagnostics reports WARN",
+        low=0.1,
+        high=3600.0,
+    ),
 )
 BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*$")
 
 
 def check(name: str, value: Any, max_prompt_chars: int) -> str:
@@ -108,9 +154,35 @@ def check(name: str, value: Any, max_prompt_chars: int) -> str:
         return f"model.device '{value}' is not one of {DEVICES_HELP}"
     elif name == "model.dtype" and value not in DTYPES:
         return f"model.dtype '{value}' is not one of {', '.join(DTYPES)}"
+    elif name == "cameras":
+        for camera in value:
+            if not CAMERA_NAME.match(camera):
+                return f"cameras: '{camera}' is not a valid topic name part (letters, digits, _, /)"
+        if len(set(value)) != len(value):
+            return f"cameras: names repeat in {list(value)}"
     elif name == "json_schema":
         try:
             load_schema(value)
         except InvalidInput as error:
             return str(error)
     return ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One consistent snapshot of the parameter values, replaced whole on every change: the
+    worker reads `node.settings` once per answer, so no frame is answered with half-old,
+    half-new settings. `json_schema` is the parsed schema (None when the parameter is empty)."""
+
+    values: Mapping[str, Any]
+    json_schema: dict | None
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Settings:
+        return cls(MappingProxyType(dict(values)), load_schema(values.get("json_schema", "")))
+
+    def updated(self, changes: Mapping[str, Any]) -> Settings:
+        return Settings.from_values({**self.values, **changes})
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]

@@ -1,4 +1,5 @@
-"""The worker's scheduling: newest frame only, tasks first, rate limit, errors contained."""
+"""The worker's scheduling: newest frame per camera, cameras in turn, batches when several are
+due, tasks first, rate limit, cancelled tasks never run, errors contained."""
 
 from __future__ import annotations
 
@@ -6,26 +7,28 @@ import threading
 
 import pytest
 
-from ros2_nanovlm.inference_worker import InferenceWorker, RateLimiter, WorkerBusy
+from ros2_nanovlm.worker import InferenceWorker, RateLimiter, WorkerBusy
 
 WAIT = 10.0  # generous bound on every wait for an event; never reached when things work
 
 
 class Recorder:
-    """A frame handler that records frames and can be held inside a frame."""
+    """A batch handler that records frames and batches and can be held inside a batch."""
 
     def __init__(self):
         self.frames = []
+        self.batches = []
         self.entered = threading.Semaphore(0)
         self.release = threading.Event()
         self.release.set()
         self.done = threading.Condition()
 
-    def __call__(self, frame):
+    def __call__(self, batch):
         self.entered.release()
         assert self.release.wait(WAIT)
         with self.done:
-            self.frames.append(frame)
+            self.batches.append([camera for camera, _ in batch])
+            self.frames.extend(frame for _, frame in batch)
             self.done.notify_all()
 
     def wait_for(self, count):
@@ -51,13 +54,11 @@ def test_only_the_newest_frame_waits_and_the_rest_are_counted(worker, recorder):
     recorder.release.clear()
     worker.offer_frame(1)
     assert recorder.entered.acquire(timeout=WAIT)  # the worker is busy with frame 1
-    for frame in (2, 3, 4, 5):
-        worker.offer_frame(frame)
+    replaced = [worker.offer_frame(frame) for frame in (2, 3, 4, 5)]
     recorder.release.set()
     recorder.wait_for(2)
     assert recorder.frames == [1, 5]
-    assert worker.frames_replaced == 3
-    assert worker.frames_offered == 5
+    assert replaced == [False, True, True, True]  # the caller counts these as dropped
 
 
 def test_tasks_go_before_a_waiting_frame(worker, recorder):
@@ -83,8 +84,8 @@ def test_task_errors_reach_the_caller_and_the_worker_goes_on(worker):
 def test_frame_errors_are_reported_and_the_worker_goes_on():
     errors, seen = [], threading.Event()
 
-    def handler(frame):
-        if frame == "bad":
+    def handler(batch):
+        if batch[0][1] == "bad":
             raise ValueError("broken frame")
         seen.set()
 
@@ -151,3 +152,73 @@ def test_a_tiny_rate_waits_without_killing_the_worker(recorder):
         assert recorder.frames == ["first"]
     finally:
         worker.stop()
+
+
+def test_cameras_take_turns_and_waiting_frames_go_as_one_batch(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame("front-1", "front")
+    assert recorder.entered.acquire(timeout=WAIT)  # busy with front-1
+    worker.offer_frame("front-2", "front")
+    worker.offer_frame("rear-1", "rear")
+    worker.offer_frame("left-1", "left")
+    recorder.release.set()
+    recorder.wait_for(4)
+    # rate 0: everything waiting is due, one batch, starting after the camera answered last
+    assert recorder.batches == [["front"], ["rear", "left", "front"]]
+
+
+def test_a_busy_camera_cannot_starve_the_others(recorder):
+    """At a rate limit, one frame per period: the cameras alternate even though one camera
+    offers a new frame before every answer."""
+    now = [0.0]
+    worker = InferenceWorker(recorder, rate_hz=1.0, clock=lambda: now[0])
+    worker.start()
+    try:
+        for step in range(6):
+            recorder.release.clear()
+            worker.offer_frame(f"a{step}", "a")
+            if step % 2 == 0:
+                worker.offer_frame(f"b{step}", "b")
+            now[0] += 1.0
+            worker.set_rate(1.0)  # wakes the worker to look at the (fake) clock again
+            assert recorder.entered.acquire(timeout=WAIT)
+            recorder.release.set()
+            recorder.wait_for(step + 1)
+        assert [b[0] for b in recorder.batches] == ["a", "b", "a", "b", "a", "b"]
+    finally:
+        worker.stop()
+
+
+def test_rate_limiter_lets_a_late_model_catch_up_by_whole_periods():
+    limiter = RateLimiter(2.0)
+    assert limiter.starts_due(10.0, most=4) == 1  # the first start
+    limiter.mark_started(10.0)
+    assert limiter.starts_due(10.2, most=4) == 0
+    assert limiter.starts_due(10.5, most=4) == 1
+    assert limiter.starts_due(11.1, most=4) == 2  # one period late: two frames may go now
+    assert limiter.starts_due(20.0, most=4) == 4  # never more than the frames waiting
+    limiter.mark_started(11.1, count=2)  # a batch of two uses two periods
+    assert limiter.seconds_until_ready(11.1) == pytest.approx(1.0)
+
+
+def test_a_task_cancelled_while_queued_never_runs(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame("busy")
+    assert recorder.entered.acquire(timeout=WAIT)
+    ran, cancel = [], threading.Event()
+    withdrawn = worker.submit(lambda: ran.append("ran"), cancel)
+    cancel.set()
+    later = worker.submit(lambda: "next")
+    recorder.release.set()
+    assert later.result(timeout=WAIT) == "next"
+    assert withdrawn.cancelled() and ran == []
+
+
+def test_dropped_frames_are_handed_back_for_counting(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame("busy", "a")
+    assert recorder.entered.acquire(timeout=WAIT)
+    worker.offer_frame("a2", "a")
+    worker.offer_frame("b1", "b")
+    assert sorted(worker.drop_frames()) == [("a", "a2"), ("b", "b1")]
+    assert worker.waiting_frames == 0

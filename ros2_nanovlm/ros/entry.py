@@ -15,6 +15,8 @@ def spin_node(make_node: Callable[[], Node], *, threads: int = 1, args=None) -> 
     node = None
     try:
         node = make_node()
+        # A node that blocks threads on purpose (requests waiting for the model) says how many.
+        threads = getattr(node, "executor_threads", threads)
         executor = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()

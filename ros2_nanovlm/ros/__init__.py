@@ -1,0 +1,1 @@
+"""The ROS 2 layer: everything that imports rclpy or the generated nanovlm interfaces."""

@@ -1,0 +1,54 @@
+"""The `query` service (nanovlm/srv/Query): one question, one reply, for behavior trees.
+
+The callback blocks its executor thread while the model answers; the node sizes its executor
+so that every request the worker may hold (max_pending_requests, plus the running one) has a
+thread, and a request past that bound is refused as busy at once.
+"""
+
+from __future__ import annotations
+
+from rclpy.callback_groups import CallbackGroup
+from rclpy.node import Node
+
+from nanovlm.srv import Query
+
+from .asking import Asker, Question
+
+
+class QueryService:
+    """Owns the service server. Its callback runs on executor threads (reentrant group)."""
+
+    def __init__(self, node: Node, asker: Asker, group: CallbackGroup, is_active):
+        self._node = node
+        self._asker = asker
+        self._is_active = is_active
+        self._service = node.create_service(Query, "query", self._callback, callback_group=group)
+
+    def destroy(self) -> None:
+        self._node.destroy_service(self._service)
+
+    def _callback(self, request: Query.Request, response: Query.Response) -> Query.Response:
+        response.success = False
+        if not self._is_active():
+            response.error = "inactive: the node is not active (lifecycle); activate it first"
+            return response
+        outcome = self._asker.ask(
+            Question(
+                prompt=request.prompt,
+                image=request.image,
+                camera=request.camera,
+                json_schema=request.json_schema,
+                max_new_tokens=request.max_new_tokens,
+            )
+        )
+        response.header = outcome.header
+        if outcome.answer is None:
+            response.error = outcome.error
+            return response
+        answer = outcome.answer
+        response.answer = answer.text
+        response.json = answer.json
+        response.error = answer.json_error
+        # JSON mode without complete JSON is a failure: a robot program must not parse the partial text.
+        response.success = not answer.json_error
+        return response
