@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter, parameter_value_to_python
 from rclpy.parameter_client import AsyncParameterClient
@@ -18,6 +20,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
+from nanovlm.action import Ask
 from nanovlm.msg import VLMResult
 from nanovlm.srv import Query
 
@@ -74,7 +77,33 @@ class Client:
         self.node.create_subscription(String, "answer", lambda m: self.answers.append(m.data), 100)
         self.node.create_subscription(String, "result_json", lambda m: self.result_json.append(m.data), 100)
         self.query_client = self.node.create_client(Query, "query")
+        self.ask_client = ActionClient(self.node, Ask, "ask")
         self.parameters = AsyncParameterClient(self.node, f"{namespace}/nanovlm")
+        self.diagnostics: list[DiagnosticArray] = []
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 100)
+
+    def node_status(self, name: str = "nanovlm: vlm"):
+        """The node's newest DiagnosticStatus called `name`, with its values as a dict; None
+        before the first."""
+        for array in reversed(self.diagnostics):
+            for status in array.status:
+                if status.name == name:
+                    return status, {kv.key: kv.value for kv in status.values}
+        return None
+
+    def wait_for_status(self, predicate, name: str = "nanovlm: vlm"):
+        """Spin until a /diagnostics status `name` satisfies predicate(status, values)."""
+        found = []
+
+        def check():
+            latest = self.node_status(name)
+            if latest is not None and predicate(*latest):
+                found[:] = [latest]
+                return True
+            return False
+
+        assert self.spin_until(check), f"no diagnostics matched; last: {self.node_status(name)}"
+        return found[0]
 
     def spin_until(self, condition, timeout: float = TIMEOUT) -> bool:
         deadline = time.monotonic() + timeout
@@ -101,6 +130,27 @@ class Client:
         if image is not None:
             request.image = image
         return self._await(self.query_client.call_async(request))
+
+    def ask(self, goal: Ask.Goal, on_feedback=None, cancel_when=None):
+        """Send an Ask goal; returns (final status, result). `cancel_when(feedbacks)` is checked
+        after each feedback: True cancels the goal."""
+        feedbacks = []
+        goal_handle_future = None
+
+        def feedback(message):
+            feedbacks.append(message.feedback)
+            if on_feedback:
+                on_feedback(message.feedback)
+            if cancel_when is not None and cancel_when(feedbacks) and not cancelled:
+                cancelled.append(goal_handle_future.result().cancel_goal_async())
+
+        cancelled = []
+        assert self.ask_client.wait_for_server(timeout_sec=TIMEOUT)
+        goal_handle_future = self.ask_client.send_goal_async(goal, feedback_callback=feedback)
+        goal_handle = self._await(goal_handle_future)
+        assert goal_handle.accepted
+        response = self._await(goal_handle.get_result_async())
+        return response.status, response.result, feedbacks
 
     def set_parameter(self, name: str, value):
         """Returns rcl_interfaces/SetParametersResult."""

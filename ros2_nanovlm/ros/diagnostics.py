@@ -39,7 +39,7 @@ class ModelState:
     gpu_memory_mb: float | None  # CUDA memory allocated by this process; None on the CPU
 
 
-def node_status(name: str, snapshot: StatsSnapshot, state: ModelState, rate_hz: float, stale_after_s: float):
+def node_status(snapshot: StatsSnapshot, state: ModelState, rate_hz: float, stale_after_s: float):
     """(level, message) of the whole node."""
     if state.loading:
         return DiagnosticStatus.WARN, "the model is loading"
@@ -76,6 +76,7 @@ def _values(snapshot: StatsSnapshot, state: ModelState) -> list[KeyValue]:
         "frames replaced": snapshot.total("replaced"),
         "frames rejected": snapshot.total("rejected"),
         "frames lost": snapshot.total("lost"),
+        "annotated images": snapshot.total("annotated"),
         "answer rate (Hz)": f"{snapshot.answer_rate_hz:.3f}",
         "latency p50 (ms)": ms(snapshot.latency_p50_ms),
         "latency p95 (ms)": ms(snapshot.latency_p95_ms),
@@ -85,6 +86,10 @@ def _values(snapshot: StatsSnapshot, state: ModelState) -> list[KeyValue]:
     if state.gpu_memory_mb is not None:
         values["GPU memory (MB)"] = f"{state.gpu_memory_mb:.0f}"
     return [KeyValue(key=key, value=str(value)) for key, value in values.items()]
+
+
+def _camera_key(counter: str) -> str:
+    return "annotated images" if counter == "annotated" else f"frames {counter}"
 
 
 class Diagnostics:
@@ -114,7 +119,7 @@ class Diagnostics:
         snapshot = self._stats.snapshot()
         state = self._state()
         name = self._node.get_name()
-        level, message = node_status(name, snapshot, state, self._rate_hz(), self._stale_after_s())
+        level, message = node_status(snapshot, state, self._rate_hz(), self._stale_after_s())
         hardware_id = state.device or "none"
         statuses = [
             DiagnosticStatus(
@@ -133,7 +138,7 @@ class Diagnostics:
                         name=f"{name}: camera {camera}",
                         message="receiving" if counts["received"] else "no frame received yet",
                         hardware_id=hardware_id,
-                        values=[KeyValue(key=f"frames {key}", value=str(value)) for key, value in counts.items()],
+                        values=[KeyValue(key=_camera_key(key), value=str(value)) for key, value in counts.items()],
                     )
                 )
         array = DiagnosticArray(status=statuses)

@@ -33,6 +33,7 @@ class CameraCounts:
     replaced: int = 0
     rejected: int = 0
     lost_events: int = 0  # DDS message-lost reports
+    annotated: int = 0  # annotated images published (only while someone subscribes)
     sequence_gaps: SequenceGaps = field(default_factory=SequenceGaps)
     last_received: float | None = None  # monotonic seconds
 
@@ -102,6 +103,10 @@ class FrameStats:
             if latency_ms is not None:
                 self._latencies_ms.append(latency_ms)
 
+    def annotated(self, camera: str) -> None:
+        with self._lock:
+            self._cameras[camera].annotated += 1
+
     def sequence_number(self, camera: str, publisher: Hashable, number: int) -> None:
         with self._lock:
             self._cameras[camera].sequence_gaps.observe(publisher, number)
@@ -130,6 +135,7 @@ class FrameStats:
                         "rejected": c.rejected,
                         "lost": c.lost,
                         "dropped": c.dropped,
+                        "annotated": c.annotated,
                     }
                     for camera, c in self._cameras.items()
                 },

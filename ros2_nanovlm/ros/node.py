@@ -281,7 +281,7 @@ class NodeParts:
             self.stats.answered(incoming.camera, latency_ms)
             outputs = self._outputs.get(incoming.camera)
             if outputs is not None:  # None once deactivated: the answer is counted, not published
-                outputs.publish(
+                annotated = outputs.publish(
                     AnsweredFrame(
                         header=incoming.msg.header,
                         frame=rgb,
@@ -292,6 +292,8 @@ class NodeParts:
                         frames_dropped=self.stats.dropped(incoming.camera),
                     )
                 )
+                if annotated:
+                    self.stats.annotated(incoming.camera)
 
     def _latency_ms(self, incoming: IncomingFrame) -> float:
         """Frame stamp -> now on the node's clock; from the frame's arrival when unstamped."""

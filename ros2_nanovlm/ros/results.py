@@ -57,18 +57,19 @@ class CameraOutputs:
         self._annotated = node.create_publisher(Image, topic(camera, "annotated_image"), 1)
         self._annotated_jpeg = node.create_publisher(CompressedImage, topic(camera, "annotated_image/compressed"), 1)
 
-    def publish(self, answered: AnsweredFrame) -> None:
+    def publish(self, answered: AnsweredFrame) -> bool:
+        """Publish everything about one answer; True when an annotated image went out too."""
         result = result_message(answered)
         self._answer.publish(String(data=answered.answer.text))
         self._result.publish(result)
         self._result_json.publish(String(data=result_to_json(result)))
-        self._publish_annotated(answered)
+        return self._publish_annotated(answered)
 
-    def _publish_annotated(self, answered: AnsweredFrame) -> None:
+    def _publish_annotated(self, answered: AnsweredFrame) -> bool:
         raw_wanted = self._annotated.get_subscription_count() > 0
         jpeg_wanted = self._annotated_jpeg.get_subscription_count() > 0
         if not (raw_wanted or jpeg_wanted):
-            return
+            return False
         latency = f" | {answered.latency_ms:.0f} ms" if answered.latency_ms is not None else ""
         status = f"{answered.model}{latency} | {answered.answer.generated_tokens} tokens"
         pixels = annotate(answered.frame, answered.prompt, answered.answer.text, status)
