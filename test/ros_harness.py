@@ -113,10 +113,10 @@ class Client:
             self.executor.spin_once(timeout_sec=0.05)
         return True
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, camera_topic: str = "image") -> None:
         assert self.query_client.wait_for_service(timeout_sec=TIMEOUT), "query service never appeared"
         assert self.parameters.wait_for_services(timeout_sec=TIMEOUT)
-        assert self.spin_until(lambda: self.images.get_subscription_count() > 0)
+        assert self.spin_until(lambda: self.node.count_subscribers(camera_topic) > 0)
 
     def _await(self, future, timeout: float = TIMEOUT):
         self.executor.spin_until_future_complete(future, timeout_sec=timeout)
@@ -181,12 +181,12 @@ class Client:
 
 
 @contextlib.contextmanager
-def connected_client(process: NodeProcess):
+def connected_client(process: NodeProcess, camera_topic: str = "image"):
     """A Client of the node in `process`, ready to talk; on leaving, the node must stop
     cleanly on SIGINT (exit code 0), whatever the test did."""
     client = Client(process.namespace)
     try:
-        client.wait_ready()
+        client.wait_ready(camera_topic)
         yield client
     finally:
         client.close()
