@@ -2,6 +2,8 @@
 
     ros2 launch nanovlm vlm.launch.py image_topic:=/camera/image_raw \
         model:=/models/llava-1.5-7b-hf prompt:="Is the path clear?" rate:=2.0
+    ros2 launch nanovlm vlm.launch.py cameras:=front,rear     # front/image, rear/image, ...
+    ros2 launch nanovlm vlm.launch.py lifecycle:=true         # a managed node, unconfigured
 
 Launch arguments left empty keep the value from params_file (config/vlm.yaml by default).
 """
@@ -10,7 +12,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
 
 from launch import LaunchDescription
 
@@ -31,18 +33,28 @@ def node_with_overrides(context):
         value = config[argument]
         if value:
             overrides[parameter] = float(value) if parameter == "rate" else value
+    cameras = [name.strip() for name in config["cameras"].split(",") if name.strip()]
+    if cameras:
+        overrides["cameras"] = cameras
+    # image_topic names the one unnamed camera's topic; named cameras use <namespace>/<name>/image.
+    remappings = (
+        []
+        if cameras
+        else [("image", config["image_topic"]), ("image/compressed", config["image_topic"] + "/compressed")]
+    )
+    managed = config["lifecycle"].lower() in ("true", "1", "yes")
+    # A managed node starts unconfigured: `ros2 lifecycle set <node> configure`, then `activate`
+    # (or a lifecycle manager such as nav2's) brings it up.
+    node_type = LifecycleNode if managed else Node
     return [
-        Node(
+        node_type(
             package="nanovlm",
-            executable="vlm_node",
+            executable="vlm_lifecycle_node" if managed else "vlm_node",
             name="nanovlm",
             namespace=config["namespace"],
             output="screen",
             parameters=[config["params_file"], overrides],
-            remappings=[
-                ("image", config["image_topic"]),
-                ("image/compressed", config["image_topic"] + "/compressed"),
-            ],
+            remappings=remappings,
         )
     ]
 
@@ -61,6 +73,17 @@ def generate_launch_description():
             ),
             DeclareLaunchArgument(
                 "rate", default_value="", description="Frames answered per second at most; empty = params_file's"
+            ),
+            DeclareLaunchArgument(
+                "cameras",
+                default_value="",
+                description="Camera names, comma-separated (front,rear): topics <name>/image, <name>/answer, ...; "
+                "empty = params_file's (one unnamed camera on image_topic)",
+            ),
+            DeclareLaunchArgument(
+                "lifecycle",
+                default_value="false",
+                description="true = a managed (lifecycle) node: configure loads the model, activate serves",
             ),
             DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node"),
             DeclareLaunchArgument(
