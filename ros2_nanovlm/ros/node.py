@@ -223,6 +223,7 @@ class NodeParts:
             model_path=model_path,
             device=settings["model.device"],
             dtype=settings["model.dtype"],
+            quantization=settings["model.quantization"],
             max_context_tokens=settings["model.max_context_tokens"],
             max_new_tokens=settings["max_new_tokens"],
             max_prompt_chars=settings["max_prompt_chars"],

@@ -18,7 +18,7 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 from ..engine.api import InvalidInput
-from ..engine.config import DEVICES_HELP, DTYPES, is_valid_device
+from ..engine.config import DEVICES_HELP, DTYPES, QUANTIZATIONS, is_valid_device
 from ..engine.structured import load_schema
 
 
@@ -60,6 +60,12 @@ SPECS = (
     ),
     Spec("model.device", "auto", f"Where the model runs: {DEVICES_HELP}", read_only=True),
     Spec("model.dtype", "auto", f"Weights and activations: {', '.join(DTYPES)}", read_only=True),
+    Spec(
+        "model.quantization",
+        "auto",
+        "LLM weights: auto (4-bit where the GPU fast path runs the model), none, int4",
+        read_only=True,
+    ),
     Spec(
         "model.max_context_tokens",
         2048,
@@ -154,6 +160,8 @@ def check(name: str, value: Any, max_prompt_chars: int) -> str:
         return f"model.device '{value}' is not one of {DEVICES_HELP}"
     elif name == "model.dtype" and value not in DTYPES:
         return f"model.dtype '{value}' is not one of {', '.join(DTYPES)}"
+    elif name == "model.quantization" and value not in QUANTIZATIONS:
+        return f"model.quantization '{value}' is not one of {', '.join(QUANTIZATIONS)}"
     elif name == "cameras":
         for camera in value:
             if not CAMERA_NAME.match(camera):
