@@ -25,13 +25,10 @@ from ..engine.structured import load_schema
 from ..worker import InferenceWorker, WorkerBusy
 from .camera_inputs import CameraInputs
 from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb, is_empty
+from .model_slot import ModelUnavailable
 from .parameters import Settings
 
 STOP_GRACE_S = 30.0  # after a timeout or cancel, how long to wait for the answer to stop
-
-
-class ModelUnavailable(RuntimeError):
-    """No model is loaded (still loading, the load failed, or the node is inactive)."""
 
 
 @dataclass

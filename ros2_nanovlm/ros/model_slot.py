@@ -15,7 +15,10 @@ import sys
 from collections.abc import Callable
 
 from ..engine import EngineConfig, EngineError, VLMEngine
-from .asking import ModelUnavailable
+
+
+class ModelUnavailable(RuntimeError):
+    """No model is loaded (still loading, the load failed, or it was freed); str() says which."""
 
 
 class ModelSlot:

@@ -29,13 +29,13 @@ from ..engine import EngineConfig, EngineError
 from ..worker import InferenceWorker, WorkerBusy
 from . import parameters
 from .ask_action import AskAction
-from .asking import Asker, ModelUnavailable, ask_engine, frame_to_rgb
+from .asking import Asker, ask_engine, frame_to_rgb
 from .camera_inputs import CALLBACKS_TAKE_MESSAGE_INFO, CameraInputs, IncomingFrame
 from .diagnostics import Diagnostics, ModelState
 from .entry import spin_node
 from .frame_stats import FrameStats
 from .image_conversion import ImageConversionError
-from .model_slot import ModelSlot
+from .model_slot import ModelSlot, ModelUnavailable
 from .parameters import Settings
 from .query_service import QueryService
 from .results import AnsweredFrame, CameraOutputs, topic
