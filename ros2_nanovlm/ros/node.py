@@ -266,11 +266,14 @@ class NodeParts:
                 converted.append((incoming, frame_to_rgb(incoming.msg, settings["max_image_pixels"])))
             except ImageConversionError as error:  # noqa: PERF203 - one frame's error, not the batch's
                 self._reject_frame(camera, error)
-        if len(converted) > 1 and hasattr(engine, "prepare_images"):
+        batch_vision_ms = 0.0
+        if len(converted) > 1:
+            started = time.perf_counter()
             try:
                 engine.prepare_images([rgb for _, rgb in converted])
             except EngineError as error:  # each ask below reports its own frame's problem
                 self._log.warning(f"batched image encoding failed: {error}")
+            batch_vision_ms = (time.perf_counter() - started) * 1000.0 / len(converted)
         for incoming, rgb in converted:
             prompt = settings["prompt"]
             try:
@@ -291,6 +294,7 @@ class NodeParts:
                         model=engine.model_name,
                         latency_ms=latency_ms,
                         frames_dropped=self.stats.dropped(incoming.camera),
+                        batch_vision_ms=batch_vision_ms,
                     )
                 )
                 if annotated:

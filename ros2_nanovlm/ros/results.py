@@ -37,6 +37,9 @@ class AnsweredFrame:
     model: str
     latency_ms: float | None  # frame stamp (or receipt) -> publish
     frames_dropped: int
+    # With several cameras the frames of one batch go through the vision encoder together,
+    # before their answers (which then find the embedding cached): each carries its share.
+    batch_vision_ms: float = 0.0
 
 
 def topic(camera: str, name: str) -> str:
@@ -98,10 +101,10 @@ def result_message(answered: AnsweredFrame) -> VLMResult:
         json=answer.json,
         json_error=answer.json_error,
         model=answered.model,
-        vision_ms=answer.timings.vision_ms,
+        vision_ms=answer.timings.vision_ms + answered.batch_vision_ms,
         prefill_ms=answer.timings.prefill_ms,
         decode_ms=answer.timings.decode_ms,
-        total_ms=answer.timings.total_ms,
+        total_ms=answer.timings.total_ms + answered.batch_vision_ms,
         prompt_tokens=answer.prompt_tokens,
         reused_tokens=answer.reused_tokens,
         generated_tokens=answer.generated_tokens,
