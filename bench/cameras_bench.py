@@ -5,7 +5,8 @@ real ROS 2.
     python bench/cameras_bench.py [--seconds 60] [--cameras 1,2,4]
 
 One camera is the unnamed default (topic `image`); several are named cam0.. (`cam0/image`, ...).
-Counted from the first answer of every camera for --seconds: answers in all and per camera, the
+Every frame differs from the last (a counter in its first pixels), as a camera's do, so no
+answer comes from the embedding cache. Counted from the first answer of every camera for --seconds: answers in all and per camera, the
 fairness (fewest / most per camera), the node's median frame-to-answer latency and the frames
 it reported replaced. Writes bench/results/cameras-cpu.json. Run it on an idle machine: the
 figures are the CPU's, and anything else running takes from them.
@@ -68,9 +69,14 @@ def run(cameras: int, seconds: float, model_path: str) -> dict:
             )
             step = [index]  # each camera starts at a different photo
 
-            def publish(name=name, step=step):
+            def publish(name=name, step=step, index=index):
                 msg = frames[step[0] % len(frames)]
                 msg.header.stamp = client.get_clock().now().to_msg()
+                # A real camera never sends the same pixels twice: a counter in the first pixels
+                # keeps the node's embedding cache from answering repeated photos for free.
+                pixels = bytearray(msg.data)
+                pixels[:8] = (step[0] * 16 + index).to_bytes(8, "little")
+                msg.data = bytes(pixels)
                 publishers[name].publish(msg)
                 step[0] += 1
 

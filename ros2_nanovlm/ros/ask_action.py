@@ -69,13 +69,7 @@ class AskAction:
             self._cancels[key] = cancel
         try:
             outcome = self._asker.ask(
-                Question(
-                    prompt=goal.prompt,
-                    image=goal.image,
-                    camera=goal.camera,
-                    json_schema=goal.json_schema,
-                    max_new_tokens=goal.max_new_tokens,
-                ),
+                Question.of(goal),
                 cancel=cancel,
                 on_token=_FeedbackStream(goal_handle, self._feedback_period()),
             )

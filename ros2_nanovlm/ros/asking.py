@@ -39,6 +39,17 @@ class Question:
     json_schema: str = ""
     max_new_tokens: int = 0
 
+    @classmethod
+    def of(cls, request) -> Question:
+        """The question in a Query request or an Ask goal (they share these fields)."""
+        return cls(
+            prompt=request.prompt,
+            image=request.image,
+            camera=request.camera,
+            json_schema=request.json_schema,
+            max_new_tokens=request.max_new_tokens,
+        )
+
 
 @dataclass
 class Outcome:

@@ -69,7 +69,15 @@ class ModelSlot:
         engine.close()
         del engine
         gc.collect()
+        _return_cuda_cache()
         _return_heap_to_os()
+
+
+def _return_cuda_cache() -> None:
+    """After the last reference went, torch still keeps the freed blocks for reuse."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _return_heap_to_os() -> None:

@@ -32,15 +32,7 @@ class QueryService:
         if not self._is_active():
             response.error = "inactive: the node is not active (lifecycle); activate it first"
             return response
-        outcome = self._asker.ask(
-            Question(
-                prompt=request.prompt,
-                image=request.image,
-                camera=request.camera,
-                json_schema=request.json_schema,
-                max_new_tokens=request.max_new_tokens,
-            )
-        )
+        outcome = self._asker.ask(Question.of(request))
         response.header = outcome.header
         if outcome.answer is None:
             response.error = outcome.error

@@ -4,6 +4,7 @@ Llama-family language models run through FastLlama (4-bit weights, CUDA-graph de
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -266,9 +267,15 @@ class TransformersBackend(Backend):
         return embeds
 
     def close(self) -> None:
+        """Drop every reference to the model's tensors (the image encoder holds the vision tower
+        and its CUDA graph), then collect: the fast path's graphs hold bound methods of their
+        model, a reference cycle that only the collector frees. Only then can CUDA's cached
+        blocks go back to the driver."""
         self.model = None
         self.lm = None
+        self.encode_image = None
         self.embeddings = EmbeddingCache(0)
+        gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
