@@ -20,6 +20,7 @@ from rclpy.node import Node
 from nanovlm.action import Ask
 
 from .asking import Asker, Question
+from .query_service import REQUEST_QUEUE
 
 
 class AskAction:
@@ -41,6 +42,9 @@ class AskAction:
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=self._cancel,
             callback_group=group,
+            goal_service_qos_profile=REQUEST_QUEUE,
+            cancel_service_qos_profile=REQUEST_QUEUE,
+            result_service_qos_profile=REQUEST_QUEUE,
         )
 
     def destroy(self) -> None:

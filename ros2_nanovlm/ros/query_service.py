@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from rclpy.callback_groups import CallbackGroup
 from rclpy.node import Node
+from rclpy.qos import QoSProfile, qos_profile_services_default
 
 from nanovlm.srv import Query
 
 from .asking import Asker, Question
+
+# Requests wait in the service's DDS reader until an executor thread takes them; the default
+# depth (10) drops the 11th of a burst before the node can answer it, even "busy". Deep enough
+# for a burst of 100 calls: each is taken at once, and answered or refused.
+REQUEST_QUEUE = QoSProfile(
+    depth=256,
+    history=qos_profile_services_default.history,
+    reliability=qos_profile_services_default.reliability,
+    durability=qos_profile_services_default.durability,
+)
 
 
 class QueryService:
@@ -22,7 +33,9 @@ class QueryService:
         self._node = node
         self._asker = asker
         self._is_active = is_active
-        self._service = node.create_service(Query, "query", self._callback, callback_group=group)
+        self._service = node.create_service(
+            Query, "query", self._callback, qos_profile=REQUEST_QUEUE, callback_group=group
+        )
 
     def destroy(self) -> None:
         self._node.destroy_service(self._service)

@@ -1,0 +1,84 @@
+"""No request is lost, none waits without bound, and shutdown does not wait for an answer: the
+node in its own process over real ROS 2."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from rclpy.qos import QoSProfile
+from ros_harness import TIMEOUT, Client, NodeProcess, connected_client
+from test_node import frame_msg
+
+from nanovlm.action import Ask
+from nanovlm.srv import Query
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, tiny_llava):
+    log = tmp_path_factory.mktemp("logs") / "node.log"
+    process = NodeProcess("/bounds", log, f"model.path:={tiny_llava}", "rate:=0.0", "max_new_tokens:=4")
+    with connected_client(process) as client:
+        yield process, client
+
+
+def test_a_burst_of_100_calls_is_answered_or_refused_busy_never_lost(node, photos):
+    _, client = node
+    # The caller's side must hold 100 replies too (the default client queue keeps 10).
+    burst = client.node.create_client(Query, "query", qos_profile=QoSProfile(depth=256))
+    assert burst.wait_for_service(timeout_sec=TIMEOUT)
+    image = frame_msg(photos["dogs"])
+    futures = [burst.call_async(Query.Request(prompt=f"Question {i}?", image=image)) for i in range(100)]
+    assert client.spin_until(lambda: all(f.done() for f in futures), timeout=600), (
+        f"{sum(not f.done() for f in futures)} of 100 calls got no reply"
+    )
+    replies = [f.result() for f in futures]
+    answered = [r for r in replies if r.success]
+    busy = [r for r in replies if r.error.startswith("busy:")]
+    others = [r.error for r in replies if not r.success and not r.error.startswith("busy:")]
+    assert others == []
+    assert len(answered) + len(busy) == 100
+    # max_pending_requests (8) wait, one runs: a burst of 100 must meet the bound.
+    assert answered and busy
+    assert all(r.answer for r in answered)
+    # The node is still serving afterwards.
+    assert client.query("One more?", image).success
+
+
+def test_a_timed_out_request_is_stopped_and_the_model_is_free_again(node, photos):
+    _, client = node
+    image = frame_msg(photos["boxes"])
+    _, probe, _ = client.ask(Ask.Goal(prompt="How fast?", image=image, max_new_tokens=20))
+    token_ms = probe.decode_ms / max(1, probe.generated_tokens - 1)
+    assert client.set_parameter("query_timeout", 1.0).successful
+    try:
+        # ~4000 tokens would hold the tiny model for minutes: the timeout must stop it.
+        response = client.query("Describe everything.", image, max_new_tokens=4000)
+        assert not response.success and "no answer within query_timeout=1.0 s" in response.error
+    finally:
+        assert client.set_parameter("query_timeout", 60.0).successful
+    # An Ask goal right after reports how long it waited for the model: had the timed-out answer
+    # gone on, thousands of tokens; stopped, none (the reply came once it had stopped).
+    _, result, _ = client.ask(Ask.Goal(prompt="Quick?", image=image, max_new_tokens=2))
+    assert result.success and result.queue_ms < 20 * token_ms, (result.queue_ms, token_ms)
+
+
+def test_sigint_during_a_long_answer_ends_the_node_cleanly(tmp_path, tiny_llava, photos):
+    process = NodeProcess("/bounds_sigint", tmp_path / "node.log", f"model.path:={tiny_llava}")
+    client = Client("/bounds_sigint")
+    try:
+        client.wait_ready()
+        started = []
+        goal = Ask.Goal(prompt="Describe everything.", image=frame_msg(photos["lake"]), max_new_tokens=4000)
+        assert client.ask_client.wait_for_server(timeout_sec=TIMEOUT)
+        client.ask_client.send_goal_async(goal, feedback_callback=lambda message: started.append(message))
+        assert client.spin_until(lambda: len(started) >= 2)  # the answer is being generated
+        signalled = time.monotonic()
+        process.process.send_signal(signal.SIGINT)
+        exit_code = process.process.wait(timeout=30)  # a bound for a hang, not a speed claim
+        print(f"node exited {time.monotonic() - signalled:.2f} s after SIGINT, mid-answer")
+        assert exit_code == 0, process.log()[-2000:]
+    finally:
+        client.close()
+        process.stop()
