@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+import time
+import zlib
+
 import cv2
 import numpy as np
 import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
+from ros2_nanovlm.ros import image_conversion
 from ros2_nanovlm.ros.image_conversion import (
     ImageConversionError,
     compressed_msg_to_rgb,
@@ -87,7 +92,9 @@ def test_jpeg_compressed_keeps_colours(photos):
     np.testing.assert_allclose(decoded.mean(axis=(0, 1)), photo.mean(axis=(0, 1)), atol=3)
 
 
-@pytest.mark.parametrize("data, message", [(b"", "holds no data"), (b"not a jpeg at all", "cannot decode")])
+@pytest.mark.parametrize(
+    "data, message", [(b"", "holds no data"), (b"not a jpeg at all", "unsupported compressed image")]
+)
 def test_bad_compressed_images_get_clear_errors(data, message):
     with pytest.raises(ImageConversionError, match=message):
         compressed_msg_to_rgb(CompressedImage(format="jpeg", data=data), LIMIT)
@@ -97,3 +104,197 @@ def test_compressed_image_over_the_pixel_limit_is_refused(frame):
     big = cv2.resize(frame, (400, 300))
     with pytest.raises(ImageConversionError, match="over max_image_pixels=1000"):
         compressed_msg_to_rgb(rgb_to_compressed_msg(big, "png"), 1000)
+
+
+# Decompression bombs and lying headers: the size comes from the header, before any decoding.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bomb(width=30_000, height=30_000) -> bytes:
+    """A valid png start declaring width x height, with a tiny IDAT stream that never fills it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    idat = zlib.compress(bytes(4096))
+    return PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def with_png_size(png: bytes, width: int, height: int) -> bytes:
+    """`png` with its IHDR size replaced, and the IHDR CRC fixed so only the size lies."""
+    edited = bytearray(png)
+    edited[16:24] = struct.pack(">II", width, height)
+    edited[29:33] = struct.pack(">I", zlib.crc32(bytes(edited[12:29])))
+    return bytes(edited)
+
+
+def small_jpeg(frame) -> bytes:
+    return bytes(rgb_to_compressed_msg(frame, "jpeg").data)
+
+
+def with_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its SOF0 size replaced (opencv writes SOF0 after DQT, whose small values hold no 0xFF)."""
+    sof = jpeg.index(b"\xff\xc0")
+    # marker (2), length (2), precision (1), height (2), width (2)
+    return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    def imdecode(*args, **kwargs):
+        pytest.fail("cv2.imdecode was called on an image the header check should have refused")
+
+    monkeypatch.setattr(image_conversion.cv2, "imdecode", imdecode)
+
+
+def compressed(data: bytes, fmt: str = "jpeg") -> CompressedImage:
+    return CompressedImage(format=fmt, data=data)
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_bomb_is_refused_from_its_header_without_decoding(frame, kind, no_decoding):
+    if kind == "png":
+        data = png_bomb()
+    else:
+        data = with_jpeg_size(small_jpeg(frame), 30_000, 30_000)
+    started = time.perf_counter()
+    with pytest.raises(ImageConversionError, match="30000x30000 = 900000000 pixels, over max_image_pixels=16777216"):
+        compressed_msg_to_rgb(compressed(data, kind), 16_777_216)
+    # It took 25 s and 5 GB when the decode came first; the bound is loose for loaded CI machines.
+    assert time.perf_counter() - started < 5
+
+
+def test_jpeg_walk_skips_fill_bytes_and_standalone_markers(frame, no_decoding):
+    jpeg = with_jpeg_size(small_jpeg(frame), 30_000, 30_000)
+    # After SOI: fill bytes, TEM, RST0, a COM segment holding 0xFF C0 (not a frame header), then the rest.
+    padded = jpeg[:2] + b"\xff\xff\xff\x01\xff\xd0" + b"\xff\xfe\x00\x06\xff\xc0\x00\x01" + jpeg[2:]
+    with pytest.raises(ImageConversionError, match="30000x30000"):
+        compressed_msg_to_rgb(compressed(padded), LIMIT)
+
+
+def test_jpeg_with_fill_bytes_and_standalone_markers_still_decodes(frame):
+    jpeg = small_jpeg(frame)
+    padded = jpeg[:2] + b"\xff\xff\xff\x01\xff\xd0" + jpeg[2:]
+    assert compressed_msg_to_rgb(compressed(padded), LIMIT).shape == frame.shape
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (PNG_SIGNATURE, "png header is truncated"),
+        (png_bomb()[:25], "png header is truncated"),
+        (PNG_SIGNATURE + png_chunk(b"tEXt", b"hello world!!"), "first chunk is not a 13-byte IHDR"),
+        (png_bomb()[:29] + b"\x00\x00\x00\x00", "IHDR checksum does not match"),
+        (png_bomb(0, 10), "empty image \\(0x10\\)"),
+        (b"\xff\xd8", "jpeg header is truncated"),
+        (b"\xff\xd8\xff\xff", "jpeg header is truncated"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpeg header is truncated"),
+        (b"\xff\xd8\xff\xe0\x00", "jpeg header is truncated"),
+        (b"\xff\xd8\xff\xc0\x00\x11\x08\x00", "jpeg header is truncated"),
+        (b"\xff\xd8\xff\xc0\x00\x05\x08\x00\x10", "frame header is 5 bytes"),
+        (b"\xff\xd8\xff\xe0\x00\x01", "segment length 1"),
+        (b"\xff\xd8JFIF", "no marker at byte 2"),
+        (b"\xff\xd8\xff\x00", "byte-stuffed"),
+        (b"\xff\xd8\xff\xda\x00\x02", "0xDA comes before any frame header"),
+        (b"\xff\xd8\xff\xd9", "0xD9 comes before any frame header"),
+        (b"\xff\xd8" + b"\xff\x01" * 5000, "over 4096 segments"),
+    ],
+)
+def test_truncated_or_corrupt_headers_get_clear_errors(data, message, no_decoding):
+    with pytest.raises(ImageConversionError, match=message):
+        compressed_msg_to_rgb(compressed(data), LIMIT)
+
+
+def test_jpeg_frame_header_with_height_zero_is_refused(frame, no_decoding):
+    # Height 0 means "given later by a DNL marker", which opencv's libjpeg does not support.
+    with pytest.raises(ImageConversionError, match="empty image \\(7x0\\)"):
+        compressed_msg_to_rgb(compressed(with_jpeg_size(small_jpeg(frame), 7, 0)), LIMIT)
+
+
+@pytest.mark.parametrize("extension, name", [(".gif", "gif"), (".bmp", "bmp"), (".webp", "webp"), (".tiff", "tiff")])
+def test_formats_other_than_jpeg_and_png_are_refused_whatever_format_says(frame, extension, name, no_decoding):
+    ok, encoded = cv2.imencode(extension, frame)
+    assert ok  # opencv could decode these: the refusal is the node's own
+    with pytest.raises(ImageConversionError, match=f"unsupported compressed image \\({name}.*supported: jpeg, png"):
+        compressed_msg_to_rgb(compressed(encoded.tobytes(), "jpeg"), LIMIT)
+
+
+def test_unknown_bytes_are_refused_with_their_first_bytes(no_decoding):
+    with pytest.raises(ImageConversionError, match="data starting 00 01 02 03 04 05 06 07, format 'png'"):
+        compressed_msg_to_rgb(compressed(bytes(range(100)), "png"), LIMIT)
+
+
+def test_jpeg_declared_as_png_still_decodes(photos):
+    # The bytes decide, as they do for opencv: format is free text ("rgb8; jpeg compressed bgr8").
+    photo = photos["fruit"]
+    jpeg = bytes(rgb_to_compressed_msg(photo, "jpeg").data)
+    assert compressed_msg_to_rgb(compressed(jpeg, "rgb8; jpeg compressed bgr8"), LIMIT).shape == photo.shape
+
+
+def test_png_decodes_to_the_right_rgb():
+    frame = np.zeros((2, 3, 3), np.uint8)
+    frame[0, 0] = (255, 0, 0)  # red top-left: RGB order must survive opencv's BGR
+    frame[1, 2] = (0, 0, 255)
+    np.testing.assert_array_equal(compressed_msg_to_rgb(rgb_to_compressed_msg(frame, "png"), LIMIT), frame)
+
+
+def test_jpeg_decodes_to_the_right_rgb():
+    frame = np.zeros((16, 16, 3), np.uint8)
+    frame[:, :8] = (230, 20, 20)  # red left half, blue right half
+    frame[:, 8:] = (20, 20, 230)
+    decoded = compressed_msg_to_rgb(rgb_to_compressed_msg(frame, "jpeg"), LIMIT)
+    assert decoded.shape == (16, 16, 3) and decoded.dtype == np.uint8
+    np.testing.assert_allclose(decoded[:, :4].mean(axis=(0, 1)), (230, 20, 20), atol=12)
+    np.testing.assert_allclose(decoded[:, 12:].mean(axis=(0, 1)), (20, 20, 230), atol=12)
+
+
+def test_png_whose_header_lies_about_its_size_is_refused():
+    rng = np.random.default_rng(3)
+    real = bytes(rgb_to_compressed_msg(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "png").data)
+    # IHDR says 10x10 with a valid CRC: libpng reads rows of the wrong length and gives up.
+    with pytest.raises(ImageConversionError, match="cannot decode compressed image"):
+        compressed_msg_to_rgb(compressed(with_png_size(real, 10, 10), "png"), LIMIT)
+
+
+def test_decoded_size_other_than_the_headers_is_refused(frame, monkeypatch):
+    # Should a decoder ever read a size other than the header's, the header check proved nothing.
+    monkeypatch.setattr(image_conversion.cv2, "imdecode", lambda *args: np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(ImageConversionError, match="decoded to 20x20, but its header declares 7x5"):
+        compressed_msg_to_rgb(rgb_to_compressed_msg(frame, "png"), LIMIT)
+
+
+def test_jpeg_rotated_by_exif_orientation_still_decodes():
+    frame = np.zeros((20, 40, 3), np.uint8)
+    jpeg = bytes(rgb_to_compressed_msg(frame, "jpeg").data)
+    # APP1 Exif: little-endian TIFF with one IFD entry, Orientation (0x0112) = 6 (rotate 90°).
+    tiff = b"II*\x00" + struct.pack("<IHHHIII", 8, 1, 0x0112, 3, 1, 6, 0)
+    app1 = b"Exif\x00\x00" + tiff
+    rotated = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+    # opencv applies the orientation, swapping width and height: the pixel count is the header's.
+    assert compressed_msg_to_rgb(compressed(rotated), LIMIT).shape == (40, 20, 3)
+
+
+def test_long_encoding_is_cut_in_the_error(frame):
+    msg = rgb_to_image_msg(frame)
+    msg.encoding = "x" * 1_000_000
+    with pytest.raises(ImageConversionError) as error:
+        image_msg_to_rgb(msg, LIMIT)
+    assert f"'{'x' * 40}...'" in str(error.value)
+    assert len(str(error.value)) < 200
+
+
+def test_long_format_is_cut_in_the_error(no_decoding):
+    with pytest.raises(ImageConversionError) as error:
+        compressed_msg_to_rgb(compressed(b"GIF89a" + bytes(20), "f" * 1_000_000), LIMIT)
+    assert f"format '{'f' * 40}...'" in str(error.value)
+    assert len(str(error.value)) < 200
+
+
+def test_control_characters_in_encoding_are_escaped(frame):
+    msg = rgb_to_image_msg(frame)
+    msg.encoding = "rgb8\nERROR forged log line"
+    with pytest.raises(ImageConversionError) as error:
+        image_msg_to_rgb(msg, LIMIT)
+    assert "\n" not in str(error.value) and "rgb8\\nERROR" in str(error.value)

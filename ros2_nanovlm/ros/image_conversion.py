@@ -3,9 +3,15 @@
 A plain numpy/opencv converter instead of cv_bridge: cv_bridge is not installable from PyPI,
 and the engine wants RGB uint8 whatever the camera sends. Every rejected message gets an
 ImageConversionError whose text says what was wrong.
+
+A CompressedImage is sized from its jpeg or png header before opencv decodes it: a small file can
+declare a huge image, and only the header check keeps max_image_pixels from coming too late.
 """
 
 from __future__ import annotations
+
+import re
+import zlib
 
 import cv2
 import numpy as np
@@ -20,10 +26,38 @@ ENCODINGS = {
     "mono8": (1, cv2.COLOR_GRAY2RGB),
 }
 SUPPORTED = ", ".join(ENCODINGS)
+COMPRESSED_SUPPORTED = "jpeg, png"
+
+# Text from a message (encoding, format) is cut to this many characters in error messages, so a
+# 1 MB string does not become a 1 MB log line.
+SHOWN_CHARS = 40
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8"
+# Formats opencv could decode but the node refuses, named only to make the refusal clearer.
+OTHER_SIGNATURES = {b"GIF8": "gif", b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+
+# JPEG start-of-frame markers SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC), which share the range.
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers with no length field after them: TEM, RST0..RST7 and SOI.
+JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8), 0xD8])
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+# A marker: 0xFF, any number of 0xFF fill bytes, then the marker byte (not 0xFF). A regex skips long
+# fill runs in C.
+JPEG_MARKER = re.compile(rb"\xff+([\x00-\xfe])")
+# Real files have a dozen or so segments before the frame header (APPn, DQT, COM); a bound keeps a
+# payload of millions of tiny segments from costing seconds of Python before anything is decoded.
+JPEG_MAX_SEGMENTS = 4096
 
 
 class ImageConversionError(ValueError):
     """The message cannot be turned into a frame; str() says why."""
+
+
+def shown(text: str) -> str:
+    """`text` from a message, cut to SHOWN_CHARS and escaped so it cannot forge log lines."""
+    cut = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+    return cut if cut.isprintable() else ascii(cut)[1:-1]
 
 
 def is_empty(msg: Image) -> bool:
@@ -34,7 +68,7 @@ def is_empty(msg: Image) -> bool:
 def check_image_msg(msg: Image, max_pixels: int) -> None:
     """Cheap checks of the header fields and the buffer size, without touching the pixels."""
     if msg.encoding not in ENCODINGS:
-        raise ImageConversionError(f"unsupported image encoding '{msg.encoding}'; supported: {SUPPORTED}")
+        raise ImageConversionError(f"unsupported image encoding '{shown(msg.encoding)}'; supported: {SUPPORTED}")
     if msg.width == 0 or msg.height == 0:
         raise ImageConversionError(f"image is empty ({msg.width}x{msg.height})")
     pixels = msg.width * msg.height
@@ -61,32 +95,140 @@ def image_msg_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels), to_rgb)
 
 
-def compressed_msg_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
-    """Decode a jpeg/png CompressedImage to RGB uint8 with opencv."""
-    if len(msg.data) == 0:
-        raise ImageConversionError("compressed image holds no data")
-    buffer = np.frombuffer(msg.data, dtype=np.uint8)
-    # opencv itself refuses files that claim more than 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS).
-    try:
-        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    except cv2.error as error:
-        raise ImageConversionError(f"cannot decode compressed image ({msg.format}): {error}") from error
-    if decoded is None:
-        raise ImageConversionError(
-            f"cannot decode compressed image (format '{msg.format}'); jpeg and png are supported"
-        )
-    height, width = decoded.shape[:2]
+def check_compressed_msg(msg: CompressedImage, max_pixels: int) -> tuple[int, int]:
+    """Cheap checks of a CompressedImage's header, without decoding; its (width, height) if they pass.
+
+    The size must come from the header before decoding: a 100 kB png can declare 30000x30000
+    pixels, and decoding it first costs gigabytes of memory and tens of seconds.
+    """
+    width, height = compressed_size(bytes(msg.data), shown(msg.format))
+    if width == 0 or height == 0:
+        raise ImageConversionError(f"compressed image header declares an empty image ({width}x{height})")
     if width * height > max_pixels:
         raise ImageConversionError(
-            f"image is {width}x{height} = {width * height} pixels, over max_image_pixels={max_pixels}"
+            f"compressed image header declares {width}x{height} = {width * height} pixels, "
+            f"over max_image_pixels={max_pixels}; not decoded"
+        )
+    return width, height
+
+
+def compressed_msg_to_rgb(msg: CompressedImage, max_pixels: int) -> np.ndarray:
+    """Decode a jpeg/png CompressedImage to RGB uint8 with opencv, once its header passes the checks."""
+    width, height = check_compressed_msg(msg, max_pixels)
+    decoded = _decode(msg.data, shown(msg.format))
+    # opencv applies a jpeg's EXIF orientation, which may swap width and height; the pixel count
+    # checked above stays the same. Any other size means the header lied.
+    if decoded.shape[:2] not in ((height, width), (width, height)):
+        raise ImageConversionError(
+            f"compressed image decoded to {decoded.shape[1]}x{decoded.shape[0]}, "
+            f"but its header declares {width}x{height}"
         )
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def compressed_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(width, height) from a jpeg or png header; anything else is refused by its magic bytes.
+
+    The bytes decide, not msg.format: opencv sniffs the bytes itself, and format is free text.
+    """
+    if len(data) == 0:
+        raise ImageConversionError("compressed image holds no data")
+    if data.startswith(PNG_SIGNATURE):
+        return _png_size(data)
+    if data.startswith(JPEG_SOI):
+        return _jpeg_size(data)
+    raise ImageConversionError(
+        f"unsupported compressed image ({_other_format(data)}, format '{fmt}'); supported: {COMPRESSED_SUPPORTED}"
+    )
+
+
+def _other_format(data: bytes) -> str:
+    """What bytes that are neither jpeg nor png look like, for the refusal message."""
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, name in OTHER_SIGNATURES.items():
+        if data.startswith(magic):
+            return name
+    return f"data starting {data[:8].hex(' ')}"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which the png spec puts right after the signature."""
+    # signature (8), IHDR length (4) = 13, b"IHDR" (4), width (4), height (4), 5 more bytes, CRC (4)
+    if len(data) < 33:
+        raise ImageConversionError(f"png header is truncated: {len(data)} bytes, the IHDR chunk ends at 33")
+    if data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise ImageConversionError("png header is corrupt: the first chunk is not a 13-byte IHDR")
+    if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):
+        raise ImageConversionError("png header is corrupt: the IHDR checksum does not match")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame header, reached by skipping whole segments."""
+    position = len(JPEG_SOI)
+    for _ in range(JPEG_MAX_SEGMENTS):
+        marker, position = _jpeg_marker(data, position)
+        if marker in JPEG_STANDALONE:
+            continue
+        if marker in (JPEG_SOS, JPEG_EOI):
+            raise ImageConversionError(f"jpeg is corrupt: marker 0x{marker:02X} comes before any frame header")
+        length = _jpeg_segment_length(data, position)
+        if marker in JPEG_SOF:
+            return _jpeg_frame_size(data[position : position + length])
+        position += length
+    raise ImageConversionError(f"jpeg has over {JPEG_MAX_SEGMENTS} segments before its frame header")
+
+
+def _jpeg_marker(data: bytes, position: int) -> tuple[int, int]:
+    """The marker at `position` (after any 0xFF fill bytes) and the position just after it."""
+    match = JPEG_MARKER.match(data, position)
+    if match is None:
+        if position >= len(data) or data[position] == 0xFF:  # only fill bytes up to the end
+            raise ImageConversionError(f"jpeg header is truncated at byte {len(data)}: no frame header")
+        raise ImageConversionError(f"jpeg is corrupt: no marker at byte {position}")
+    marker = match.group(1)[0]
+    if marker == 0x00:
+        raise ImageConversionError(f"jpeg is corrupt: byte-stuffed 0xFF00 outside a scan at byte {position}")
+    return marker, match.end()
+
+
+def _jpeg_segment_length(data: bytes, position: int) -> int:
+    """The length field at `position` (it counts its own two bytes), checked against the data."""
+    if position + 2 > len(data):
+        raise ImageConversionError(f"jpeg header is truncated at byte {len(data)}: a segment length is cut")
+    length = int.from_bytes(data[position : position + 2], "big")
+    if length < 2:
+        raise ImageConversionError(f"jpeg is corrupt: segment length {length} at byte {position}")
+    if position + length > len(data):
+        raise ImageConversionError(
+            f"jpeg header is truncated: a segment at byte {position} needs {length} bytes, {len(data) - position} left"
+        )
+    return length
+
+
+def _jpeg_frame_size(segment: bytes) -> tuple[int, int]:
+    """(width, height) from a start-of-frame segment: length (2), precision (1), height (2), width (2), ..."""
+    if len(segment) < 8:
+        raise ImageConversionError(f"jpeg is corrupt: the frame header is {len(segment)} bytes, at least 8 expected")
+    return int.from_bytes(segment[5:7], "big"), int.from_bytes(segment[3:5], "big")
+
+
+def _decode(data, fmt: str) -> np.ndarray:
+    """opencv's BGR decode of bytes whose header has passed the checks."""
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as error:
+        raise ImageConversionError(f"cannot decode compressed image (format '{fmt}'): {error}") from error
+    if decoded is None:
+        raise ImageConversionError(f"cannot decode compressed image (format '{fmt}'): opencv found it corrupt")
+    return decoded
 
 
 def rgb_to_image_msg(frame: np.ndarray, encoding: str = "rgb8", header=None) -> Image:
     """Build an Image message from an RGB uint8 frame, in any of the supported encodings."""
     if encoding not in ENCODINGS:
-        raise ImageConversionError(f"unsupported image encoding '{encoding}'; supported: {SUPPORTED}")
+        raise ImageConversionError(f"unsupported image encoding '{shown(encoding)}'; supported: {SUPPORTED}")
     from_rgb = {
         "rgb8": None,
         "bgr8": cv2.COLOR_RGB2BGR,
