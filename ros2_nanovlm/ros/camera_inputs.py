@@ -1,7 +1,8 @@
 """The camera subscriptions: `<camera>/image` (and `<camera>/image/compressed`) per camera.
 
-Each arriving frame is counted, checked cheaply (header fields and buffer size; decoding waits
-for the worker, since most frames are replaced before the model is free), kept as the camera's
+Each arriving frame is counted, checked cheaply (header fields and buffer size; for a compressed
+frame its format and declared size; decoding waits for the worker, since most frames are
+replaced before the model is free), kept as the camera's
 latest frame for queries, and offered to the worker, which keeps only the newest per camera.
 """
 
@@ -25,7 +26,7 @@ except ImportError:  # Humble
 
 from ..worker import InferenceWorker
 from .frame_stats import FrameStats
-from .image_conversion import ImageConversionError, check_image_msg
+from .image_conversion import ImageConversionError, check_compressed_msg, check_image_msg
 from .results import topic
 
 # Jazzy and later hand a subscription callback the message's MessageInfo (sequence numbers).
@@ -118,6 +119,13 @@ class CameraInputs:
 
     def _compressed_callback(self, camera: str, msg: CompressedImage) -> None:
         self._stats.received(camera)
+        # The header only (format, declared size): a small file declaring a huge image is
+        # refused here, and never becomes the latest frame a query would decode again.
+        try:
+            check_compressed_msg(msg, self._max_pixels())
+        except ImageConversionError as error:
+            self._on_rejected(camera, error)
+            return
         self._offer(IncomingFrame(camera, msg))
 
     def _offer(self, frame: IncomingFrame) -> None:
