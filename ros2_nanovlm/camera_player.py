@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import collections
 
-import cv2
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
-from .resources import bundled_photos_dir, list_photos
+from .resources import bundled_photos_dir, list_photos, load_photo
 from .ros.entry import spin_node
 from .ros.image_conversion import ENCODINGS, rgb_to_compressed_msg, rgb_to_image_msg
 
 SENT_STAMPS_KEPT = 1000
-
-
-def load_photo(path, width: int):
-    """RGB uint8 frame of a photo file, resized to `width` pixels wide (0 = as it is)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot read image '{path}'")
-    if width and bgr.shape[1] != width:
-        height = round(bgr.shape[0] * width / bgr.shape[1])
-        bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 class CameraPlayer(Node):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,3 +46,14 @@ def list_photos(source: str | Path) -> list[Path]:
     if not photos:
         raise FileNotFoundError(f"no .jpg or .png photos in '{source}'")
     return photos
+
+
+def load_photo(path, width: int):
+    """RGB uint8 frame of a photo file, resized to `width` pixels wide (0 = as it is)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image '{path}'")
+    if width and bgr.shape[1] != width:
+        height = round(bgr.shape[0] * width / bgr.shape[1])
+        bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

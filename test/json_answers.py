@@ -28,7 +28,7 @@ QUESTIONS = [
 
 
 def photos() -> dict:
-    from ros2_nanovlm.camera_player import load_photo
+    from ros2_nanovlm.resources import load_photo  # no ROS: this runs on GPU machines too
 
     directory = Path(__file__).resolve().parent.parent / "data" / "images"
     return {path.stem: load_photo(path, 320) for path in sorted(directory.glob("*.jpg"))}
