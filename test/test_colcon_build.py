@@ -48,6 +48,7 @@ def test_colcon_installs_interfaces_node_launch_and_config(colcon_install):
     site = colcon_install / "lib" / PYTHON / "site-packages"
     for relative in [
         "lib/nanovlm/vlm_node",
+        "lib/nanovlm/vlm_lifecycle_node",
         "lib/nanovlm/camera_player",
         "share/nanovlm/launch/vlm.launch.py",
         "share/nanovlm/config/vlm.yaml",
@@ -55,11 +56,13 @@ def test_colcon_installs_interfaces_node_launch_and_config(colcon_install):
         "share/nanovlm/data/images/dogs.jpg",
         "share/nanovlm/msg/VLMResult.msg",
         "share/nanovlm/srv/Query.srv",
+        "share/nanovlm/action/Ask.action",
         "share/ament_index/resource_index/packages/nanovlm",
     ]:
         assert (colcon_install / relative).exists(), relative
     assert (site / "nanovlm" / "msg" / "_vlm_result.py").is_file()
-    assert (site / "ros2_nanovlm" / "node.py").is_file()
+    assert (site / "nanovlm" / "action" / "_ask.py").is_file()
+    assert (site / "ros2_nanovlm" / "ros" / "node.py").is_file()
     assert os.access(colcon_install / "lib" / "nanovlm" / "vlm_node", os.X_OK)
 
 
