@@ -1,12 +1,16 @@
 """The thread that runs the model, fed by the ROS callbacks (no ROS imports here).
 
-Two kinds of work: tasks (queries, action goals, model loads) wait in a bounded FIFO and always
-go first; camera frames do not queue at all: each camera has one slot holding its newest frame,
+Two kinds of work: tasks (queries, action goals, model loads) wait in a bounded FIFO; camera
+frames do not queue at all: each camera has one slot holding its newest frame,
 a newer frame replaces it (the caller counts the old one as dropped), and slots are emptied at
 most `rate` times a second in all. Cameras take turns (round robin from the one after the camera
 answered last), so a fast camera cannot starve a slow one; when several frames are due at once
 (rate 0, or the model fell behind the rate), they are handed over together as one batch, so the
 vision encoder can take them in one forward.
+
+When both are waiting, they take turns: a due batch of frames goes after each task, so callers
+looping on the query service cannot starve the cameras (nor the cameras the callers). Under
+full load, the cameras get up to half of the model's time, and their rate limit caps that.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class InferenceWorker:
         self._last_answered: Hashable | None = None
         self._stopping = False
         self._running_task: Task | None = None
+        self._task_ran_last = False  # tasks and due frames take turns
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="nanovlm-inference", daemon=True)
         self.batches_processed = 0
@@ -151,11 +156,15 @@ class InferenceWorker:
         return dropped
 
     def submit(self, function: Callable[[], Any], cancel: threading.Event | None = None) -> Future:
-        """Run `function` on the worker before any further frame; its result comes in the Future.
+        """Run `function` on the worker (next, or after one due batch of frames); its result comes in the Future.
         Raises WorkerBusy when max_pending_tasks are already waiting."""
         with self._wake:
             if self._stopping:
                 raise WorkerBusy("the node is shutting down")
+            if len(self._tasks) >= self._max_pending_tasks:
+                # Withdrawn tasks (timed out, cancelled) wait for the worker to skip them: their
+                # places are free now.
+                self._tasks = collections.deque(t for t in self._tasks if not t.future.cancelled())
             if len(self._tasks) >= self._max_pending_tasks:
                 raise WorkerBusy(f"{len(self._tasks)} requests are already waiting for the model")
             task = Task(function, cancel, self._clock())
@@ -191,16 +200,18 @@ class InferenceWorker:
         """Block until there is something to do: a Task, a batch of frames, or None to stop."""
         with self._wake:
             while not self._stopping:
-                if self._tasks:
+                now = self._clock()
+                due = self._limiter.starts_due(now, min(len(self._slots), self._max_batch)) if self._slots else 0
+                if self._tasks and not (due and self._task_ran_last):
+                    self._task_ran_last = True
                     self._running_task = self._tasks.popleft()
                     return self._running_task
+                if due:
+                    self._task_ran_last = False
+                    batch = self._take_batch(due)
+                    self._limiter.mark_started(now, len(batch))
+                    return batch
                 if self._slots:
-                    now = self._clock()
-                    due = self._limiter.starts_due(now, min(len(self._slots), self._max_batch))
-                    if due:
-                        batch = self._take_batch(due)
-                        self._limiter.mark_started(now, len(batch))
-                        return batch
                     # Bounded: a tiny rate (1e-12 Hz) means a wait longer than a lock can take.
                     self._wake.wait(min(self._limiter.seconds_until_ready(now), MAX_WAIT_S))
                 else:

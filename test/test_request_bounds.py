@@ -9,7 +9,7 @@ import time
 import pytest
 from rclpy.qos import QoSProfile
 from ros_harness import TIMEOUT, Client, NodeProcess, connected_client
-from test_node import frame_msg
+from test_node import frame_msg, stamp_of
 
 from nanovlm.action import Ask
 from nanovlm.srv import Query
@@ -44,6 +44,28 @@ def test_a_burst_of_100_calls_is_answered_or_refused_busy_never_lost(node, photo
     assert all(r.answer for r in answered)
     # The node is still serving afterwards.
     assert client.query("One more?", image).success
+
+
+def test_questions_waiting_for_the_model_hold_no_executor_thread(node, photos):
+    """Eight long questions (max_pending_requests) against a node with 4 executor threads:
+    parameters and camera frames are still served while they wait, and the frame is answered
+    between two of them, not after all of them."""
+    _, client = node
+    waiting = client.node.create_client(Query, "query", qos_profile=QoSProfile(depth=16))
+    assert waiting.wait_for_service(timeout_sec=TIMEOUT)
+    image = frame_msg(photos["soccer"])
+    futures = [
+        waiting.call_async(Query.Request(prompt=f"Describe it at length {i}.", image=image, max_new_tokens=300))
+        for i in range(8)
+    ]
+    assert client.get_parameter("rate") == 0.0
+    assert not all(f.done() for f in futures), "the questions ended before the parameter reply"
+    frame = frame_msg(photos["fruit"])
+    client.publish(frame)
+    client.wait_for_result(lambda result: stamp_of(result) == stamp_of(frame))
+    assert not all(f.done() for f in futures), "the frame waited for every question"
+    assert client.spin_until(lambda: all(f.done() for f in futures), timeout=600)
+    assert all(f.result().success for f in futures), [f.result().error for f in futures]
 
 
 def test_a_timed_out_request_is_stopped_and_the_model_is_free_again(node, photos):

@@ -1,5 +1,5 @@
 """The worker's scheduling: newest frame per camera, cameras in turn, batches when several are
-due, tasks first, rate limit, cancelled tasks never run, errors contained."""
+due, tasks and frames in turn, rate limit, cancelled tasks never run, errors contained."""
 
 from __future__ import annotations
 
@@ -72,6 +72,41 @@ def test_tasks_go_before_a_waiting_frame(worker, recorder):
     assert task.result(timeout=WAIT) == 42
     recorder.wait_for(2)
     assert order == ["task"] and recorder.frames == ["first", "waiting"]
+
+
+def test_callers_looping_on_requests_cannot_starve_the_cameras(worker, recorder):
+    order, started, hold = [], threading.Event(), threading.Event()
+
+    def first():
+        order.append("A")
+        started.set()
+        assert hold.wait(WAIT)
+
+    running = worker.submit(first)
+    assert started.wait(WAIT)
+    later = [worker.submit(lambda name=name: order.append(name)) for name in ("B", "C")]
+    worker.offer_frame("frame")
+    recorder.release.clear()
+    hold.set()
+    assert recorder.entered.acquire(timeout=WAIT)  # the frame went next, before B and C
+    assert order == ["A"]
+    recorder.release.set()
+    running.result(timeout=WAIT)
+    for future in later:
+        future.result(timeout=WAIT)
+    assert order == ["A", "B", "C"] and recorder.frames == ["frame"]
+
+
+def test_withdrawn_tasks_free_their_places_in_the_queue(worker, recorder):
+    recorder.release.clear()
+    worker.offer_frame("busy")
+    assert recorder.entered.acquire(timeout=WAIT)
+    withdrawn = [worker.submit(lambda: None) for _ in range(2)]
+    for future in withdrawn:
+        assert future.cancel()
+    kept = worker.submit(lambda: "answered")  # the queue is full of withdrawn tasks only
+    recorder.release.set()
+    assert kept.result(timeout=WAIT) == "answered"
 
 
 def test_task_errors_reach_the_caller_and_the_worker_goes_on(worker):

@@ -19,20 +19,22 @@ from rclpy.node import Node
 
 from nanovlm.action import Ask
 
-from .asking import Asker, Question
+from .asking import Asker, PendingQuestion, Question
+from .awaiting import wait_for
 from .query_service import REQUEST_QUEUE
 
 
 class AskAction:
-    """Owns the action server and the cancel Event of each running goal. Its callbacks run on
-    executor threads (reentrant group); feedback is published from the worker thread, inside
-    the token callback."""
+    """Owns the action server and the PendingQuestion of each goal. Its callbacks run on executor
+    threads (reentrant group); the execute callback is a coroutine suspended while the model
+    answers; feedback is published from the worker thread, inside the token callback."""
 
     def __init__(self, node: Node, asker: Asker, group: CallbackGroup, is_active, feedback_period):
         self._asker = asker
         self._is_active = is_active
         self._feedback_period = feedback_period
-        self._cancels: dict[bytes, threading.Event] = {}
+        self._node = node
+        self._pending: dict[bytes, PendingQuestion] = {}
         self._lock = threading.Lock()
         self._server = ActionServer(
             node,
@@ -49,18 +51,18 @@ class AskAction:
 
     def destroy(self) -> None:
         with self._lock:
-            for cancel in self._cancels.values():
-                cancel.set()
+            for pending in self._pending.values():
+                pending.cancel()
         self._server.destroy()
 
     def _cancel(self, goal_handle) -> CancelResponse:
         with self._lock:
-            cancel = self._cancels.get(bytes(goal_handle.goal_id.uuid))
-        if cancel is not None:
-            cancel.set()
+            pending = self._pending.get(bytes(goal_handle.goal_id.uuid))
+        if pending is not None:
+            pending.cancel()
         return CancelResponse.ACCEPT
 
-    def _execute(self, goal_handle) -> Ask.Result:
+    async def _execute(self, goal_handle) -> Ask.Result:
         goal: Ask.Goal = goal_handle.request
         result = Ask.Result(success=False)
         if not self._is_active():
@@ -68,18 +70,16 @@ class AskAction:
             goal_handle.abort()
             return result
         key = bytes(goal_handle.goal_id.uuid)
-        cancel = threading.Event()
+        pending = self._asker.start(Question.of(goal), on_token=_FeedbackStream(goal_handle, self._feedback_period()))
         with self._lock:
-            self._cancels[key] = cancel
+            self._pending[key] = pending
+        if goal_handle.is_cancel_requested:  # cancelled between acceptance and now
+            pending.cancel()
         try:
-            outcome = self._asker.ask(
-                Question.of(goal),
-                cancel=cancel,
-                on_token=_FeedbackStream(goal_handle, self._feedback_period()),
-            )
+            outcome = await wait_for(pending.future, self._node.executor)
         finally:
             with self._lock:
-                del self._cancels[key]
+                del self._pending[key]
         result.header = outcome.header
         result.queue_ms = outcome.queue_ms
         answer = outcome.answer

@@ -1,10 +1,11 @@
 """One question from a caller (the query service or the Ask action) to the model, and back.
 
 The caller's executor thread resolves the image (the request's, or a camera's latest frame),
-checks the schema, queues the question on the worker and waits for the outcome, bounded by
-query_timeout (queue included). A timeout or a cancel sets the request's Event: a queued
-question never starts, a running one stops within one token. Every path ends in an Outcome, an
-answer or an error message, never a silent drop.
+checks the schema and queues the question on the worker, then returns: the outcome comes later
+in a Future, which the service and the action await without holding a thread. query_timeout
+bounds it (queue included). A timeout or a cancel sets the request's Event: a queued question
+never starts, a running one stops within one token. Every path ends in an Outcome, an answer or
+an error message, never a silent drop.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
+from ..deadlines import Deadline, Deadlines
 from ..engine import Answer, EngineError, InvalidInput, VLMEngine
 from ..engine.structured import load_schema
 from ..worker import InferenceWorker, WorkerBusy
@@ -27,8 +28,6 @@ from .camera_inputs import CameraInputs
 from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb, is_empty
 from .model_slot import ModelUnavailable
 from .parameters import Settings
-
-STOP_GRACE_S = 30.0  # after a timeout or cancel, how long to wait for the answer to stop
 
 
 @dataclass
@@ -83,9 +82,58 @@ def ask_engine(engine: VLMEngine, settings: Settings, frame, prompt: str, **opti
     )
 
 
+class PendingQuestion:
+    """One question on its way to the model. `future` resolves to its Outcome exactly once and
+    never raises: the answer, an error, the timeout or a cancel, whichever comes first. The
+    worker, the deadline thread and executor threads (cancel) may all complete it."""
+
+    def __init__(self, cancel: threading.Event, header: Header | None = None):
+        self.future: Future[Outcome] = Future()
+        self.header = header or Header()
+        self._cancel = cancel
+        self._task: Future | None = None
+        self._deadline: Deadline | None = None
+        self.queue_ms = 0.0
+
+    def cancel(self) -> None:
+        """Withdraw it: a queued question ends now, a running one within one token (its outcome
+        then carries the partial answer, stop reason "cancelled")."""
+        self._cancel.set()
+        if self._task is None or self._task.cancel():
+            self.finish(error="cancelled before the model started")
+
+    def expire(self, timeout: float) -> None:
+        """The timeout: the caller hears now; the model stops within one token."""
+        self._cancel.set()
+        if self._task is not None:
+            self._task.cancel()
+        self.finish(error=f"no answer within query_timeout={timeout} s")
+
+    def finish(self, answer: Answer | None = None, error: str = "") -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        outcome = Outcome(header=self.header, answer=answer, error=error, queue_ms=self.queue_ms)
+        with contextlib.suppress(InvalidStateError):  # the first of answer/timeout/cancel wins
+            self.future.set_result(outcome)
+
+    def _settle(self, task: Future) -> None:
+        """The worker's task ended (on the worker thread, or on the canceller's)."""
+        if task.cancelled():
+            self.finish(error="cancelled before the model started")
+            return
+        error = task.exception()
+        if error is None:
+            self.finish(answer=task.result())
+        elif isinstance(error, (ImageConversionError, EngineError, ModelUnavailable)):
+            self.finish(error=str(error))
+        else:
+            self.finish(error=f"internal error: {error!r}")
+
+
 class Asker:
-    """Runs Questions on the worker. Stateless between calls; any executor thread may call ask()
-    (the service and the action run in a reentrant group), the model work runs on the worker."""
+    """Puts Questions on the worker and never waits for them: start() returns at once with a
+    PendingQuestion, so no executor thread is held while the model works. Any executor thread
+    may call start(); the model work runs on the worker, the timeouts on one Deadlines thread."""
 
     def __init__(
         self,
@@ -102,27 +150,30 @@ class Asker:
         self._cameras = cameras
         self._camera_names = camera_names
         self._topic_of_camera = topic_of_camera
+        self._deadlines = Deadlines(on_error=lambda error: None)
 
-    def ask(
+    def close(self) -> None:
+        self._deadlines.close()
+
+    def start(
         self,
         question: Question,
-        cancel: threading.Event | None = None,
         on_token: Callable[[str], None] | None = None,
-    ) -> Outcome:
-        cancel = cancel or threading.Event()
+    ) -> PendingQuestion:
         settings = self._settings()
-        outcome = Outcome()
+        cancel = threading.Event()
         try:
             frame_msg = self._image(question)
             schema = load_schema(question.json_schema)
         except (InvalidInput, LookupError) as error:
-            outcome.error = str(error)
-            return outcome
-        outcome.header = frame_msg.header
+            pending = PendingQuestion(cancel)
+            pending.finish(error=str(error))
+            return pending
+        pending = PendingQuestion(cancel, frame_msg.header)
         queued_at = time.monotonic()
 
         def answer() -> Answer:
-            outcome.queue_ms = (time.monotonic() - queued_at) * 1000.0
+            pending.queue_ms = (time.monotonic() - queued_at) * 1000.0
             frame = frame_to_rgb(frame_msg, settings["max_image_pixels"])
             return ask_engine(
                 self._engine(),
@@ -136,23 +187,16 @@ class Asker:
             )
 
         try:
-            future = self._worker.submit(answer, cancel)
+            task = self._worker.submit(answer, cancel)
         except WorkerBusy as error:
-            outcome.error = f"busy: {error}"
-            return outcome
+            pending.finish(error=f"busy: {error}")
+            return pending
+        pending._task = task
         timeout = settings["query_timeout"]
-        try:
-            outcome.answer = future.result(timeout=timeout)
-        except FutureTimeout:
-            outcome.error = f"no answer within query_timeout={timeout} s"
-            _stop(future, cancel)
-        except CancelledError:
-            outcome.error = "cancelled before the model started"
-        except (ImageConversionError, EngineError, ModelUnavailable) as error:
-            outcome.error = str(error)
-        except Exception as error:  # noqa: BLE001 - a caller always gets a reply
-            outcome.error = f"internal error: {error!r}"
-        return outcome
+        # The timeout counts the queue too: the caller's budget, not the model's.
+        pending._deadline = self._deadlines.call_in(timeout, lambda: pending.expire(timeout))
+        task.add_done_callback(pending._settle)
+        return pending
 
     def _image(self, question: Question) -> Image | CompressedImage:
         if not is_empty(question.image):
@@ -167,12 +211,3 @@ class Asker:
                 f"no camera frame has arrived yet on '{self._topic_of_camera(camera)}'; send an image in the request"
             )
         return latest.msg
-
-
-def _stop(future: Future, cancel: threading.Event) -> None:
-    """Withdraw a question that ran out of time: it never starts, or stops within one token.
-    Wait for that, so the caller's reply does not race the model for the next question."""
-    cancel.set()
-    future.cancel()
-    with contextlib.suppress(Exception):  # the outcome is the timeout already
-        future.result(timeout=STOP_GRACE_S)

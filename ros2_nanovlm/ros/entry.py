@@ -15,7 +15,7 @@ def spin_node(make_node: Callable[[], Node], *, threads: int = 1, args=None) -> 
     node = None
     try:
         node = make_node()
-        # A node that blocks threads on purpose (requests waiting for the model) says how many.
+        # A node whose callbacks may run side by side says how many threads it wants.
         threads = getattr(node, "executor_threads", threads)
         executor = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
         executor.add_node(node)

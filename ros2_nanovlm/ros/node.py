@@ -41,6 +41,7 @@ from .query_service import QueryService
 from .results import AnsweredFrame, CameraOutputs, topic
 
 ERROR_THROTTLE_S = 5.0
+EXECUTOR_THREADS = 4
 LOAD_WAIT_S = 3600.0  # a lifecycle configure waits this long at most for the model to load
 
 __all__ = ["CALLBACKS_TAKE_MESSAGE_INFO", "NodeParts", "VLMNode", "main"]
@@ -72,12 +73,12 @@ class NodeParts:
             max_batch=len(self.cameras),
             on_error=lambda error: self._log.error(f"frames failed: {error!r}"),
         )
-        # A query or a goal holds an executor thread while it waits: one thread for each the
-        # worker may hold (queued + running), plus some for cameras, parameters and timers.
-        self.executor_threads = self.settings["max_pending_requests"] + 5
+        # Queries and goals wait as suspended coroutines, holding no thread: these threads serve
+        # the cameras, parameters, timers and request intake, however many requests wait.
+        self.executor_threads = EXECUTOR_THREADS
 
         requests = ReentrantCallbackGroup()
-        asker = Asker(
+        self._asker = asker = Asker(
             self.worker,
             self.model.engine,
             lambda: self.settings,
@@ -155,6 +156,7 @@ class NodeParts:
     def destroy(self) -> None:
         self._stopping.set()
         self._active = False
+        self._asker.close()
         self.worker.stop()
         self.model.close()
 

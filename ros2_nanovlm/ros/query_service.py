@@ -1,8 +1,8 @@
 """The `query` service (nanovlm/srv/Query): one question, one reply, for behavior trees.
 
-The callback blocks its executor thread while the model answers; the node sizes its executor
-so that every request the worker may hold (max_pending_requests, plus the running one) has a
-thread, and a request past that bound is refused as busy at once.
+The callback is a coroutine: it queues the question and awaits its outcome without holding an
+executor thread, so frames, parameters and timers are served while the model works. A request
+past max_pending_requests is refused as busy at once; every request gets a reply.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rclpy.qos import QoSProfile, qos_profile_services_default
 from nanovlm.srv import Query
 
 from .asking import Asker, Question
+from .awaiting import wait_for
 
 # Requests wait in the service's DDS reader until an executor thread takes them; the default
 # depth (10) drops the 11th of a burst before the node can answer it, even "busy". Deep enough
@@ -27,7 +28,8 @@ REQUEST_QUEUE = QoSProfile(
 
 
 class QueryService:
-    """Owns the service server. Its callback runs on executor threads (reentrant group)."""
+    """Owns the service server. Its callback runs on executor threads (reentrant group), as an
+    rclpy Task that is suspended while the model answers."""
 
     def __init__(self, node: Node, asker: Asker, group: CallbackGroup, is_active):
         self._node = node
@@ -40,12 +42,12 @@ class QueryService:
     def destroy(self) -> None:
         self._node.destroy_service(self._service)
 
-    def _callback(self, request: Query.Request, response: Query.Response) -> Query.Response:
+    async def _callback(self, request: Query.Request, response: Query.Response) -> Query.Response:
         response.success = False
         if not self._is_active():
             response.error = "inactive: the node is not active (lifecycle); activate it first"
             return response
-        outcome = self._asker.ask(Question.of(request))
+        outcome = await wait_for(self._asker.start(Question.of(request)).future, self._node.executor)
         response.header = outcome.header
         if outcome.answer is None:
             response.error = outcome.error
