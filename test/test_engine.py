@@ -99,8 +99,8 @@ def test_stream_of_frames_reuses_the_shared_prefix(engine, photos):
     [
         ("", None, "prompt is empty"),
         ("   ", None, "prompt is empty"),
-        ("x" * 5000, None, "over the limit of 4000"),
-        ("Look: <image>", np.zeros((8, 8, 3), np.uint8), "image placeholders"),
+        ("x" * 5000, None, "prompt is 5000 tokens, over max_prompt_tokens=1024"),
+        ("x" * 40000, None, "40000 characters, far over max_prompt_tokens=1024"),
         ("ok", np.zeros((8, 8, 3), np.float32), "RGB uint8"),
         ("ok", np.zeros((8, 8), np.uint8), "RGB uint8"),
         ("ok", np.zeros((0, 8, 3), np.uint8), "empty"),

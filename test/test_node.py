@@ -130,19 +130,22 @@ def bad_image(photo, **fields):
 @pytest.mark.parametrize(
     "make_request, error",
     [
-        (lambda p: ("What?", bad_image(p, encoding="yuv422")), "unsupported image encoding 'yuv422'"),
+        (lambda p: ("What?", bad_image(p, encoding="32FC1")), "unsupported image encoding '32FC1'"),
         (lambda p: ("What?", bad_image(p, step=p.shape[1] * 3 - 1)), "step"),
         (lambda p: ("What?", bad_image(p, data=bytes(10))), "data holds 10 bytes"),
         (lambda p: ("What?", bad_image(p, height=0)), "empty"),
         (lambda p: ("What?", frame_msg(np.zeros((1000, 1001, 3), np.uint8))), "over max_image_pixels=1000000"),
         (lambda p: ("", frame_msg(p)), "prompt is empty"),
-        (lambda p: ("x" * 2001, frame_msg(p)), "over the limit of 2000"),
+        # The tiny model's tokenizer is byte-level: 600 characters, 600 tokens.
+        (lambda p: ("x" * 600, frame_msg(p)), "prompt is 600 tokens, over max_prompt_tokens=512"),
+        (lambda p: ("x" * 20000, frame_msg(p)), "20000 characters, far over max_prompt_tokens=512"),
+        (lambda p: ("What?", frame_msg(p), 5000), "max_new_tokens is 5000, outside 0..4096"),
     ],
 )
 def test_bad_queries_get_clear_errors_and_the_node_keeps_serving(node, photos, make_request, error):
     _, client = node
-    prompt, image = make_request(photos["boxes"])
-    response = client.query(prompt, image)
+    prompt, image, *max_new_tokens = make_request(photos["boxes"])
+    response = client.query(prompt, image, *max_new_tokens)
     assert not response.success
     assert error in response.error
     assert client.query("What is in the image?", frame_msg(photos["boxes"])).success
@@ -152,7 +155,7 @@ def test_bad_stream_frames_are_counted_and_the_stream_goes_on(node, photos):
     _, client = node
     before = send_until_answered(client, frame_msg(photos["dogs"])).frames_dropped
     for _ in range(3):
-        client.publish(bad_image(photos["dogs"], encoding="yuv422"))
+        client.publish(bad_image(photos["dogs"], encoding="32FC1"))
         client.publish(bad_image(photos["dogs"], data=bytes(5)))
     after = send_until_answered(client, frame_msg(photos["flowers"]))
     assert after.frames_dropped >= before + 4  # best effort may lose a few of the six
@@ -176,6 +179,9 @@ def test_parameters_change_at_run_time(node, photos):
         ("rate", -1.0, ""),
         ("max_new_tokens", 0, ""),
         ("prompt", "   ", "prompt must not be empty"),
+        ("prompt", "x" * 600, "prompt is 600 tokens, over max_prompt_tokens=512"),
+        ("system_prompt", "<s>" * 200, "system_prompt is 600 tokens, over max_prompt_tokens=512"),
+        ("model.path", "/tmp/" + "a" * 5000, "/tmp/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...' is not a usable path"),
         ("model.path", "/does/not/exist", "'/does/not/exist' is not an existing directory"),
         ("model.device", "cuda:0", "read-only"),
         ("json_schema", '{"type": "objekt"}', "not a valid JSON Schema"),
@@ -189,6 +195,7 @@ def test_invalid_parameter_values_are_rejected_with_a_reason(node, name, value, 
     assert not result.successful
     assert result.reason  # rclpy's range/read-only messages, or ours
     assert reason.lower() in result.reason.lower()
+    assert len(result.reason) < 400  # user text is echoed cut
     assert client.get_parameter(name) == before
 
 

@@ -120,6 +120,11 @@ class Backend(abc.ABC):
     def generate(self, request: GenerationRequest, control: GenerationControl | None = None) -> Answer:
         """Answer the last user turn of `request` greedily; raise InvalidInput for bad requests."""
 
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes in a prompt as typed (control tokens counted as text). Called from
+        any thread, also while generate() runs on another."""
+
     def prepare_images(self, frames: Sequence[np.ndarray]) -> int:
         """Encode these frames in one batch into the embedding cache; returns how many were
         encoded (frames already cached are skipped). The engine has checked the frames. Optional:

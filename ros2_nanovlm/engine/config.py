@@ -10,6 +10,9 @@ DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("transformers",)
 QUANTIZATIONS = ("auto", "none", "int4")
+# Text longer than max_prompt_tokens * this is refused before it is tokenized: tokenizing a
+# megabyte costs the caller's thread a second, and no tokenizer packs more characters a token.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -23,7 +26,7 @@ class EngineConfig:
     max_context_tokens: int = 2048  # KV cache size: prompt (with image tokens) + answer
     max_new_tokens: int = 32
     embedding_cache_size: int = 16  # image embeddings kept, by content hash
-    max_prompt_chars: int = 4000
+    max_prompt_tokens: int = 1024  # a question or a system prompt, as typed
     max_image_pixels: int = 16 * 1024 * 1024
 
     def validate(self) -> None:
@@ -40,7 +43,7 @@ class EngineConfig:
             ("max_context_tokens", 16),
             ("max_new_tokens", 1),
             ("embedding_cache_size", 0),
-            ("max_prompt_chars", 1),
+            ("max_prompt_tokens", 1),
             ("max_image_pixels", 1),
         ):
             value = getattr(self, name)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .api import Answer, Backend, GenerationControl, GenerationRequest, InvalidInput, JsonRequest, Turn
-from .config import EngineConfig
+from .config import MAX_CHARS_PER_TOKEN, EngineConfig
 from .frames import check_frame
 from .json_output import json_instruction
 
@@ -132,11 +132,28 @@ class VLMEngine:
             answer.json, answer.json_error = _json_result(answer)
         return answer
 
-    def _check_prompt(self, prompt: str) -> None:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput("prompt is empty")
-        if len(prompt) > self.config.max_prompt_chars:
-            raise InvalidInput(f"prompt is {len(prompt)} characters, over the limit of {self.config.max_prompt_chars}")
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes in a prompt, as typed (a control token typed counts as its text).
+        Safe from any thread, also while an answer is generated."""
+        return self._backend.count_tokens(text)
+
+    def check_prompt(self, prompt: str, what: str = "prompt", allow_empty: bool = False) -> int:
+        """Raise InvalidInput unless `prompt` fits max_prompt_tokens; returns its token count."""
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"{what} must be text, got {type(prompt).__name__}")
+        if not prompt.strip():
+            if allow_empty:
+                return 0
+            raise InvalidInput(f"{what} is empty")
+        limit = self.config.max_prompt_tokens
+        if len(prompt) > limit * MAX_CHARS_PER_TOKEN:
+            raise InvalidInput(
+                f"{what} is {len(prompt)} characters, far over max_prompt_tokens={limit} (not tokenized)"
+            )
+        tokens = self.count_tokens(prompt)
+        if tokens > limit:
+            raise InvalidInput(f"{what} is {tokens} tokens, over max_prompt_tokens={limit}")
+        return tokens
 
 
 class ChatSession:
@@ -183,7 +200,8 @@ class ChatSession:
         cancel: an Event, or a function returning True, checked before every token: the answer
             stops within one token with stop reason "cancelled"."""
         engine = self._engine
-        engine._check_prompt(prompt)
+        engine.check_prompt(prompt)
+        engine.check_prompt(self.system_prompt, "system prompt", allow_empty=True)
         if image is not None:
             check_frame(image, engine.config.max_image_pixels)
             if self.image_count and not engine.multiple_images:

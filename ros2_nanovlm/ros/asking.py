@@ -27,7 +27,9 @@ from ..worker import InferenceWorker, WorkerBusy
 from .camera_inputs import CameraInputs
 from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb, is_empty
 from .model_slot import ModelUnavailable
-from .parameters import Settings
+from .parameters import BY_NAME, Settings
+
+MAX_NEW_TOKENS = BY_NAME["max_new_tokens"]
 
 
 @dataclass
@@ -163,6 +165,7 @@ class Asker:
         settings = self._settings()
         cancel = threading.Event()
         try:
+            self._check(question)
             frame_msg = self._image(question)
             schema = load_schema(question.json_schema)
         except (InvalidInput, LookupError) as error:
@@ -197,6 +200,20 @@ class Asker:
         pending._deadline = self._deadlines.call_in(timeout, lambda: pending.expire(timeout))
         task.add_done_callback(pending._settle)
         return pending
+
+    def _check(self, question: Question) -> None:
+        """What can be refused before the question queues: its answer budget and, with a model
+        loaded, its length in that model's tokens."""
+        most = MAX_NEW_TOKENS.high
+        if not 0 <= question.max_new_tokens <= most:
+            raise InvalidInput(
+                f"max_new_tokens is {question.max_new_tokens}, outside 0..{most:g} (0 = the node's max_new_tokens)"
+            )
+        try:
+            engine = self._engine()
+        except ModelUnavailable:
+            return  # the worker says why there is no answer
+        engine.check_prompt(question.prompt)
 
     def _image(self, question: Question) -> Image | CompressedImage:
         if not is_empty(question.image):

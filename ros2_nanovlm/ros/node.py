@@ -114,7 +114,7 @@ class NodeParts:
         previous = (self.model.loading, self.model.problem)
         self.model.mark_loading()  # before the submit: the load itself may finish first
         try:
-            future = self.worker.submit(lambda: self.model.load(self._engine_config))
+            future = self.worker.submit(self._load_and_check_prompts)
         except WorkerBusy:
             self.model.loading, self.model.problem = previous
             raise
@@ -177,7 +177,7 @@ class NodeParts:
             # not quietly answer with another model.
             if spec.name == "model.path":
                 continue
-            reason = parameters.check(spec.name, values[spec.name], values["max_prompt_chars"])
+            reason = parameters.check(spec.name, values[spec.name], values["max_prompt_tokens"])
             if reason:
                 self._log.error(f"{reason}; using the default {spec.default!r}")
                 if not spec.read_only:
@@ -194,9 +194,11 @@ class NodeParts:
         return list(value or []) if spec.string_array else value
 
     def _validate_parameters(self, changed: list[Parameter]) -> SetParametersResult:
-        max_prompt_chars = self.settings["max_prompt_chars"]
+        max_prompt_tokens = self.settings["max_prompt_tokens"]
+        engine = self.model.loaded
+        count_tokens = engine.count_tokens if engine is not None else None
         for parameter in changed:
-            reason = parameters.check(parameter.name, parameter.value, max_prompt_chars)
+            reason = parameters.check(parameter.name, parameter.value, max_prompt_tokens, count_tokens)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         if not hasattr(self.node, "add_post_set_parameters_callback"):  # Humble: no post-set hook
@@ -228,9 +230,25 @@ class NodeParts:
             quantization=settings["model.quantization"],
             max_context_tokens=settings["model.max_context_tokens"],
             max_new_tokens=settings["max_new_tokens"],
-            max_prompt_chars=settings["max_prompt_chars"],
+            max_prompt_tokens=settings["max_prompt_tokens"],
             max_image_pixels=settings["max_image_pixels"],
         )
+
+    def _load_and_check_prompts(self) -> bool:
+        """Load (on the worker), then measure the prompts in the new model's tokens: they were
+        checked only for length when set without a model. One too long goes back to its default,
+        with an error, rather than failing every frame."""
+        if not self.model.load(self._engine_config):
+            return False
+        engine = self.model.loaded
+        limit = self.settings["max_prompt_tokens"]
+        for name in ("prompt", "system_prompt"):
+            reason = parameters.check(name, self.settings[name], limit, engine.count_tokens)
+            if reason:
+                default = parameters.BY_NAME[name].default
+                self._log.error(f"{reason}; using the default {default!r}")
+                self.node.set_parameters([Parameter(name, value=default)])
+        return True
 
     def log_loaded(self) -> None:
         engine = self.model.loaded

@@ -9,7 +9,7 @@ the node's on-set callback.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -18,8 +18,9 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 from ..engine.api import InvalidInput
-from ..engine.config import DEVICES_HELP, DTYPES, QUANTIZATIONS, is_valid_device
+from ..engine.config import DEVICES_HELP, DTYPES, MAX_CHARS_PER_TOKEN, QUANTIZATIONS, is_valid_device
 from ..engine.structured import load_schema
+from .image_conversion import shown  # user text in an error: cut and escaped
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,15 @@ SPECS = (
         low=1,
         high=1 << 30,
     ),
-    Spec("max_prompt_chars", 2000, "Longer prompts are refused with an error", read_only=True, low=1, high=100000),
+    Spec(
+        "max_prompt_tokens",
+        512,
+        "Longest prompt or system prompt, in the model's tokens (a parameter, a query or a goal); "
+        "longer ones are refused with an error",
+        read_only=True,
+        low=1,
+        high=32768,
+    ),
     Spec(
         "query_timeout",
         60.0,
@@ -141,38 +150,54 @@ BY_NAME = {spec.name: spec for spec in SPECS}
 CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*$")
 
 
-def check(name: str, value: Any, max_prompt_chars: int) -> str:
-    """Why `value` is not acceptable for parameter `name`; "" when it is."""
-    if name == "prompt":
-        if not str(value).strip():
-            return "prompt must not be empty"
-        if len(value) > max_prompt_chars:
-            return f"prompt is {len(value)} characters, over max_prompt_chars={max_prompt_chars}"
-    elif name == "system_prompt" and len(value) > max_prompt_chars:
-        return f"system_prompt is {len(value)} characters, over max_prompt_chars={max_prompt_chars}"
-    elif name == "model.path" and value:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            return f"model.path '{value}' is not an existing directory"
-        if not ((path / "config.json").is_file() or (path / "nanovlm_vlm.json").is_file()):
-            return f"model.path '{value}' has no config.json: not a Hugging Face model directory"
+def check(name: str, value: Any, max_prompt_tokens: int, count_tokens: Callable[[str], int] | None = None) -> str:
+    """Why `value` is not acceptable for parameter `name`; "" when it is. Prompts are measured
+    with `count_tokens` (the loaded model's tokenizer); without a model, only a text too long
+    for any tokenizer is refused here, and the node checks again once a model is loaded."""
+    if name == "prompt" and not str(value).strip():
+        return "prompt must not be empty"
+    if name in ("prompt", "system_prompt"):
+        return _prompt_too_long(name, value, max_prompt_tokens, count_tokens)
+    if name == "model.path" and value:
+        return _model_path_problem(value)
     elif name == "model.device" and not is_valid_device(value):
-        return f"model.device '{value}' is not one of {DEVICES_HELP}"
+        return f"model.device '{shown(value)}' is not one of {DEVICES_HELP}"
     elif name == "model.dtype" and value not in DTYPES:
-        return f"model.dtype '{value}' is not one of {', '.join(DTYPES)}"
+        return f"model.dtype '{shown(value)}' is not one of {', '.join(DTYPES)}"
     elif name == "model.quantization" and value not in QUANTIZATIONS:
-        return f"model.quantization '{value}' is not one of {', '.join(QUANTIZATIONS)}"
+        return f"model.quantization '{shown(value)}' is not one of {', '.join(QUANTIZATIONS)}"
     elif name == "cameras":
         for camera in value:
             if not CAMERA_NAME.match(camera):
-                return f"cameras: '{camera}' is not a valid topic name part (letters, digits, _, /)"
+                return f"cameras: '{shown(camera)}' is not a valid topic name part (letters, digits, _, /)"
         if len(set(value)) != len(value):
-            return f"cameras: names repeat in {list(value)}"
+            return f"cameras: names repeat in {shown(str(list(value)))}"
     elif name == "json_schema":
         try:
             load_schema(value)
         except InvalidInput as error:
             return str(error)
+    return ""
+
+
+def _model_path_problem(value: str) -> str:
+    try:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            return f"model.path '{shown(value)}' is not an existing directory"
+        if not ((path / "config.json").is_file() or (path / "nanovlm_vlm.json").is_file()):
+            return f"model.path '{shown(value)}' has no config.json: not a Hugging Face model directory"
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL byte, a name too long, no home dir
+        why = getattr(error, "strerror", None) or type(error).__name__  # str(error) repeats the path
+        return f"model.path '{shown(value)}' is not a usable path: {why}"
+    return ""
+
+
+def _prompt_too_long(name: str, text: str, limit: int, count_tokens: Callable[[str], int] | None) -> str:
+    if len(text) > limit * MAX_CHARS_PER_TOKEN:
+        return f"{name} is {len(text)} characters, far over max_prompt_tokens={limit}"
+    if count_tokens is not None and (tokens := count_tokens(text)) > limit:
+        return f"{name} is {tokens} tokens, over max_prompt_tokens={limit}"
     return ""
 
 

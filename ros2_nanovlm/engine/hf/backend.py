@@ -266,6 +266,9 @@ class TransformersBackend(Backend):
                 embeds[first - start : last - start] = rows.to(embeds.dtype)
         return embeds
 
+    def count_tokens(self, text: str) -> int:
+        return self.prompter.count_tokens(text)
+
     def close(self) -> None:
         """Drop every reference to the model's tensors (the image encoder holds the vision tower
         and its CUDA graph), then collect: the fast path's graphs hold bound methods of their
