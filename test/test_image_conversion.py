@@ -59,12 +59,24 @@ def test_row_padding_in_step_is_skipped(frame):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(encoding="yuv422"), "unsupported image encoding 'yuv422'"),
-        (dict(encoding="16UC1"), "unsupported image encoding"),
+        (dict(encoding="nv24"), "unsupported image encoding 'nv24'; supported: rgb8, bgr8"),
+        (dict(encoding="32FC1"), "unsupported image encoding"),
         (dict(width=0, height=0, step=0, data=b""), "empty"),
-        (dict(step=20), "step 20 is smaller than width \\* channels = 21"),
+        (dict(step=20), "step 20 is smaller than a row of 7 rgb8 pixels, 21 bytes"),
         (dict(data=bytes(104)), "data holds 104 bytes, but step \\* height = 105"),
         (dict(width=4000, height=3000, step=12000, data=b""), "over max_image_pixels"),
+        # The yuv and 16-bit layouts: step counts bytes, not pixels or samples.
+        (dict(encoding="yuv422", step=14, data=bytes(70)), "yuv422 needs an even width .*, got 7x5"),
+        (dict(encoding="yuv422_yuy2", width=6, step=6, data=bytes(30)), "step 6 .* 6 yuv422_yuy2 pixels, 12 bytes"),
+        (dict(encoding="nv12", width=6, step=6, data=bytes(36)), "nv12 needs an even width and height .*, got 6x5"),
+        (
+            dict(encoding="nv21", width=6, height=4, step=6, data=bytes(24)),
+            "24 bytes, but step \\* height \\* 3/2 = 36",
+        ),
+        (dict(encoding="nv12", width=4000, height=3000, step=4000, data=b""), "over max_image_pixels"),
+        (dict(encoding="rgb16"), "step 21 is smaller than a row of 7 rgb16 pixels, 42 bytes"),
+        (dict(encoding="mono16", step=14, data=bytes(69)), "data holds 69 bytes, but step \\* height = 70"),
+        (dict(encoding="bayer_rggb16", step=7), "step 7 is smaller than a row of 7 bayer_rggb16 pixels, 14 bytes"),
     ],
 )
 def test_bad_messages_get_clear_errors(frame, fields, message):
@@ -73,6 +85,16 @@ def test_bad_messages_get_clear_errors(frame, fields, message):
         setattr(msg, name, value)
     with pytest.raises(ImageConversionError, match=message):
         image_msg_to_rgb(msg, LIMIT)
+
+
+def test_unsupported_encoding_error_lists_every_supported_one(frame):
+    msg = rgb_to_image_msg(frame)
+    msg.encoding = "32FC1"
+    with pytest.raises(ImageConversionError) as error:
+        image_msg_to_rgb(msg, LIMIT)
+    assert str(error.value).endswith("supported: " + ", ".join(image_conversion.ENCODINGS))
+    for encoding in ["yuv422", "yuv422_yuy2", "nv12", "nv21", "bayer_grbg8", "8UC3", "16UC1", "bgra16"]:
+        assert encoding in str(error.value)
 
 
 def test_empty_request_image_means_latest_frame(frame):
@@ -282,7 +304,7 @@ def test_long_encoding_is_cut_in_the_error(frame):
     with pytest.raises(ImageConversionError) as error:
         image_msg_to_rgb(msg, LIMIT)
     assert f"'{'x' * 40}...'" in str(error.value)
-    assert len(str(error.value)) < 200
+    assert len(str(error.value)) < 100 + len(image_conversion.SUPPORTED)
 
 
 def test_long_format_is_cut_in_the_error(no_decoding):
@@ -298,3 +320,171 @@ def test_control_characters_in_encoding_are_escaped(frame):
     with pytest.raises(ImageConversionError) as error:
         image_msg_to_rgb(msg, LIMIT)
     assert "\n" not in str(error.value) and "rgb8\\nERROR" in str(error.value)
+
+
+# The encodings robots send besides rgb8: every message below is packed by hand, in numpy,
+# independently of the converter.
+
+
+def raw_msg(rows, encoding: str, width: int, height: int, pad: int = 0, is_bigendian: int = 0) -> Image:
+    """An Image whose data is `rows` (one data row per row, as bytes), each padded with `pad` bytes."""
+    rows = np.asarray(rows, np.uint8).reshape(len(rows), -1)
+    padded = np.pad(rows, ((0, 0), (0, pad)), constant_values=0xAB)
+    return Image(
+        width=width,
+        height=height,
+        encoding=encoding,
+        step=padded.shape[1],
+        is_bigendian=is_bigendian,
+        data=padded.tobytes(),
+    )
+
+
+@pytest.mark.parametrize(
+    "encoding, data, expected",
+    [
+        ("8UC3", [10, 20, 30, 40, 50, 60], [[30, 20, 10], [60, 50, 40]]),  # BGR, as bgr8
+        ("8UC1", [0, 200], [[0, 0, 0], [200, 200, 200]]),  # grey, as mono8
+        ("8UC4", [10, 20, 30, 255, 40, 50, 60, 0], [[30, 20, 10], [60, 50, 40]]),  # BGRA, alpha dropped
+    ],
+)
+def test_opencv_types_are_read_as_cv_bridge_reads_them(encoding, data, expected):
+    assert image_msg_to_rgb(raw_msg([data], encoding, 2, 1), LIMIT).tolist() == [expected]
+
+
+def sixteen_bit_rows(samples: np.ndarray, big_endian: int, seed: int = 0) -> np.ndarray:
+    """uint8 `samples` as 16-bit words (sample in the high byte, noise in the low), as bytes per row."""
+    noise = np.random.default_rng(seed).integers(0, 256, samples.shape, dtype=np.uint16)
+    words = samples.astype(np.uint16) << 8 | noise
+    return words.astype(">u2" if big_endian else "<u2").view(np.uint8).reshape(len(samples), -1)
+
+
+@pytest.mark.parametrize("encoding", ["rgb16", "bgr16", "rgba16", "bgra16"])
+@pytest.mark.parametrize("big_endian", [0, 1])
+def test_16_bit_colour_keeps_the_high_byte(frame, encoding, big_endian):
+    height, width, _ = frame.shape
+    rgba = np.concatenate([frame, np.full((height, width, 1), 77, np.uint8)], axis=2)
+    order = encoding.removesuffix("16")
+    samples = rgba[..., ["rgba".index(channel) for channel in order]]
+    # An odd pad: the rows' 16-bit words then start at odd byte offsets.
+    msg = raw_msg(sixteen_bit_rows(samples, big_endian), encoding, width, height, pad=3, is_bigendian=big_endian)
+    np.testing.assert_array_equal(image_msg_to_rgb(msg, LIMIT), frame)
+
+
+@pytest.mark.parametrize("encoding", ["mono16", "16UC1"])
+def test_mono16_is_read_in_the_declared_byte_order(encoding):
+    def read(data: bytes, is_bigendian: int) -> list:
+        msg = Image(width=2, height=1, encoding=encoding, step=4, is_bigendian=is_bigendian, data=data)
+        return image_msg_to_rgb(msg, LIMIT)[0, :, 0].tolist()
+
+    # 0x1234 and 0x00FF in each byte order: the high byte is kept, the low one dropped.
+    assert read(b"\x34\x12\xff\x00", 0) == [0x12, 0x00]
+    assert read(b"\x12\x34\x00\xff", 1) == [0x12, 0x00]
+    # Big-endian bytes read as little-endian give the low bytes: is_bigendian must be honoured.
+    assert read(b"\x12\x34\x00\xff", 0) == [0x34, 0xFF]
+
+
+def bt601(frame: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(Y, U, V) of an RGB frame as floats: BT.601 video range (Y 16..235, U and V 16..240)."""
+    r, g, b = (frame[..., channel].astype(np.float64) for channel in range(3))
+    y = 16 + (65.738 * r + 129.057 * g + 25.064 * b) / 256
+    u = 128 + (-37.945 * r - 74.494 * g + 112.439 * b) / 256
+    v = 128 + (112.439 * r - 94.154 * g - 18.285 * b) / 256
+    return tuple(np.clip(np.rint(c), 0, 255).astype(np.uint8) for c in (y, u, v))
+
+
+def blocky_frame(height: int, width: int, block_rows: int, block_columns: int, seed: int = 5) -> np.ndarray:
+    """Random colours, constant over each block of pixels that shares one U and V: nothing is lost to subsampling."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // block_rows, width // block_columns, 3), dtype=np.uint8)
+    return blocks.repeat(block_rows, axis=0).repeat(block_columns, axis=1)
+
+
+# The tolerance covers rounding Y, U and V to bytes and opencv's fixed-point arithmetic.
+YUV_ATOL = 3
+
+
+@pytest.mark.parametrize(
+    "encoding, byte_order",
+    [("yuv422", "uyvy"), ("uyvy", "uyvy"), ("yuv422_yuy2", "yuyv"), ("yuyv", "yuyv")],
+)
+@pytest.mark.parametrize("pad", [0, 6])
+def test_yuv422_packed_by_hand_reads_back(encoding, byte_order, pad):
+    frame = blocky_frame(6, 10, 1, 2)
+    y, u, v = bt601(frame)
+    # Two pixels in four bytes: UYVY is U Y0 V Y1, YUYV (YUY2) is Y0 U Y1 V.
+    planes = {"y": (y[:, 0::2], y[:, 1::2]), "u": u[:, 0::2], "v": v[:, 0::2]}
+    if byte_order == "uyvy":
+        quads = [planes["u"], planes["y"][0], planes["v"], planes["y"][1]]
+    else:
+        quads = [planes["y"][0], planes["u"], planes["y"][1], planes["v"]]
+    rows = np.stack(quads, axis=-1).reshape(6, 20)
+    got = image_msg_to_rgb(raw_msg(rows, encoding, 10, 6, pad), LIMIT)
+    np.testing.assert_allclose(got, frame, atol=YUV_ATOL)
+
+
+@pytest.mark.parametrize("encoding", ["nv12", "nv21"])
+@pytest.mark.parametrize("pad", [0, 6])
+def test_nv12_and_nv21_packed_by_hand_read_back(encoding, pad):
+    frame = blocky_frame(6, 10, 2, 2)
+    y, u, v = bt601(frame)
+    # Six rows of Y, then three rows of chroma pairs: U V for nv12, V U for nv21.
+    chroma = np.empty((3, 10), np.uint8)
+    first, second = (u, v) if encoding == "nv12" else (v, u)
+    chroma[:, 0::2], chroma[:, 1::2] = first[::2, ::2], second[::2, ::2]
+    got = image_msg_to_rgb(raw_msg(np.vstack([y, chroma]), encoding, 10, 6, pad), LIMIT)
+    np.testing.assert_allclose(got, frame, atol=YUV_ATOL)
+
+
+def test_uyvy_red_reads_as_red():
+    # Pure red in BT.601 video range: Y 81, U 90, V 240.
+    msg = raw_msg([[90, 81, 240, 81]], "yuv422", 2, 1)
+    np.testing.assert_allclose(image_msg_to_rgb(msg, LIMIT), [[[255, 0, 0]] * 2], atol=YUV_ATOL)
+
+
+QUADRANT_COLOURS = [(220, 40, 30), (30, 200, 60), (40, 50, 210), (230, 210, 40)]  # red, green, blue, yellow
+
+
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_bayer_mosaics_demosaic_to_their_colours(pattern, bits):
+    # Four flat 16x16 quadrants; each pixel keeps the one channel the pattern (top-left 2x2 block,
+    # row by row, as ROS names it) puts at its place.
+    frame = np.empty((32, 32, 3), np.uint8)
+    for index, colour in enumerate(QUADRANT_COLOURS):
+        frame[16 * (index // 2) : 16 * (index // 2 + 1), 16 * (index % 2) : 16 * (index % 2 + 1)] = colour
+    channel_at = np.array(["rgb".index(colour) for colour in pattern]).reshape(2, 2)
+    rows, columns = np.mgrid[0:32, 0:32]
+    mosaic = np.take_along_axis(frame, channel_at[rows % 2, columns % 2][..., None], axis=2)[..., 0]
+    data = mosaic if bits == 8 else sixteen_bit_rows(mosaic, big_endian=0)
+    got = image_msg_to_rgb(raw_msg(data, f"bayer_{pattern}{bits}", 32, 32, pad=4), LIMIT)
+    assert got.shape == (32, 32, 3)
+    for index, colour in enumerate(QUADRANT_COLOURS):
+        top, left = 16 * (index // 2) + 4, 16 * (index % 2) + 4
+        centre = got[top : top + 8, left : left + 8].reshape(-1, 3)
+        np.testing.assert_allclose(centre, np.broadcast_to(colour, centre.shape), atol=2)
+
+
+def smooth_frame(height: int = 24, width: int = 32) -> np.ndarray:
+    rows, columns = np.mgrid[0:height, 0:width]
+    return np.stack([columns * 7, rows * 9, 250 - columns * 6], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("encoding", list(image_conversion.ENCODINGS))
+def test_rgb_to_image_msg_writes_every_encoding_it_reads(encoding):
+    frame = smooth_frame()
+    msg = rgb_to_image_msg(frame, encoding)
+    assert (msg.encoding, msg.width, msg.height) == (encoding, 32, 24)
+    got = image_msg_to_rgb(msg, LIMIT)
+    if encoding in ("mono8", "8UC1", "mono16", "16UC1"):
+        np.testing.assert_array_equal(got, cv2.cvtColor(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB))
+        return
+    # yuv loses a little to subsampling; Bayer is exact inside on a linear ramp, not at the border.
+    atol = 8 if image_conversion.ENCODINGS[encoding].shared != (1, 1) else 0
+    np.testing.assert_allclose(got[2:-2, 2:-2], frame[2:-2, 2:-2], atol=atol)
+
+
+@pytest.mark.parametrize("encoding, size", [("yuv422", (4, 5)), ("nv12", (5, 4)), ("nv21", (4, 5))])
+def test_rgb_to_image_msg_refuses_half_chroma_blocks(encoding, size):
+    with pytest.raises(ImageConversionError, match=f"{encoding} needs an even width"):
+        rgb_to_image_msg(smooth_frame(*size), encoding)

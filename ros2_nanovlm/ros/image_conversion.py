@@ -4,12 +4,24 @@ A plain numpy/opencv converter instead of cv_bridge: cv_bridge is not installabl
 and the engine wants RGB uint8 whatever the camera sends. Every rejected message gets an
 ImageConversionError whose text says what was wrong.
 
+Image encodings read (sensor_msgs/image_encodings names):
+- rgb8, bgr8, rgba8, bgra8, mono8; 8UC1, 8UC3, 8UC4 as cv_bridge reads them (mono8, bgr8, bgra8);
+- rgb16, bgr16, rgba16, bgra16, mono16, 16UC1: each sample kept to its high byte (>> 8), in the
+  byte order is_bigendian gives;
+- uyvy and yuyv (yuv 4:2:2, two bytes a pixel, even width), also under ROS's older names yuv422
+  and yuv422_yuy2; nv12 and nv21 (yuv 4:2:0: height rows of luma, then height/2 rows of
+  interleaved chroma, even width and height). All BT.601 video range, as UVC cameras send and
+  opencv reads them;
+- bayer_rggb8, bayer_bggr8, bayer_gbrg8, bayer_grbg8 and their 16-bit forms, demosaiced by opencv.
+`step` is checked in bytes of that layout, and the buffer against step times its rows.
+
 A CompressedImage is sized from its jpeg or png header before opencv decodes it: a small file can
 declare a huge image, and only the header check keeps max_image_pixels from coming too late.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zlib
 
@@ -17,13 +29,73 @@ import cv2
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
 
-# encoding -> (channels, opencv conversion to RGB, or None when the layout is RGB already)
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one encoding puts its samples in Image.data, and the opencv code that makes them RGB."""
+
+    name: str  # the sample order: rgb, bgr, rgba, bgra, mono, uyvy, yuyv, nv12, nv21, or a Bayer pattern
+    channels: int  # samples a pixel in a row: 2 for uyvy (U or V, then Y), 1 for nv12's luma and chroma rows
+    to_rgb: int | None  # None when the samples are RGB already
+    sample_bytes: int = 1  # 2: 16-bit samples, kept to their high byte
+    shared: tuple[int, int] = (1, 1)  # (rows, columns) of the pixel blocks that share one U and V
+
+    def row_bytes(self, width: int) -> int:
+        return width * self.channels * self.sample_bytes
+
+    def data_rows(self, height: int) -> int:
+        """Rows of `step` bytes in the data: 4:2:0 adds height/2 rows of chroma below the luma."""
+        return height + height // 2 if self.shared[0] == 2 else height
+
+
+def sixteen_bit(layout: Layout) -> Layout:
+    return dataclasses.replace(layout, sample_bytes=2)
+
+
+RGB = Layout("rgb", 3, None)
+BGR = Layout("bgr", 3, cv2.COLOR_BGR2RGB)
+RGBA = Layout("rgba", 4, cv2.COLOR_RGBA2RGB)
+BGRA = Layout("bgra", 4, cv2.COLOR_BGRA2RGB)
+MONO = Layout("mono", 1, cv2.COLOR_GRAY2RGB)
+UYVY = Layout("uyvy", 2, cv2.COLOR_YUV2RGB_UYVY, shared=(1, 2))
+YUYV = Layout("yuyv", 2, cv2.COLOR_YUV2RGB_YUY2, shared=(1, 2))
+NV12 = Layout("nv12", 1, cv2.COLOR_YUV2RGB_NV12, shared=(2, 2))
+NV21 = Layout("nv21", 1, cv2.COLOR_YUV2RGB_NV21, shared=(2, 2))
+# ROS names a Bayer pattern by its top-left 2x2 block, row by row; opencv by the 2nd and 3rd pixels
+# of its 2nd row, so ROS's rggb is opencv's BG (cv_bridge maps them the same way). The newer
+# COLOR_BayerRGGB2RGB aliases are missing from the opencv 4.5 that Ubuntu 22.04 (Humble) ships.
+BAYER = {
+    "rggb": cv2.COLOR_BayerBG2RGB,
+    "bggr": cv2.COLOR_BayerRG2RGB,
+    "gbrg": cv2.COLOR_BayerGR2RGB,
+    "grbg": cv2.COLOR_BayerGB2RGB,
+}
+
 ENCODINGS = {
-    "rgb8": (3, None),
-    "bgr8": (3, cv2.COLOR_BGR2RGB),
-    "rgba8": (4, cv2.COLOR_RGBA2RGB),
-    "bgra8": (4, cv2.COLOR_BGRA2RGB),
-    "mono8": (1, cv2.COLOR_GRAY2RGB),
+    "rgb8": RGB,
+    "bgr8": BGR,
+    "rgba8": RGBA,
+    "bgra8": BGRA,
+    "mono8": MONO,
+    # opencv matrix types, read as cv_bridge reads them: colour in opencv's BGR(A) order
+    "8UC1": MONO,
+    "8UC3": BGR,
+    "8UC4": BGRA,
+    # 16UC1 is mostly depth in millimetres: kept to its high byte, near things come out black
+    "mono16": sixteen_bit(MONO),
+    "16UC1": sixteen_bit(MONO),
+    "rgb16": sixteen_bit(RGB),
+    "bgr16": sixteen_bit(BGR),
+    "rgba16": sixteen_bit(RGBA),
+    "bgra16": sixteen_bit(BGRA),
+    "uyvy": UYVY,
+    "yuv422": UYVY,  # ROS's older name for uyvy
+    "yuyv": YUYV,
+    "yuv422_yuy2": YUYV,  # ROS's older name for yuyv
+    "nv12": NV12,
+    "nv21": NV21,
+    **{f"bayer_{pattern}8": Layout(pattern, 1, code) for pattern, code in BAYER.items()},
+    **{f"bayer_{pattern}16": Layout(pattern, 1, code, sample_bytes=2) for pattern, code in BAYER.items()},
 }
 SUPPORTED = ", ".join(ENCODINGS)
 COMPRESSED_SUPPORTED = "jpeg, png"
@@ -76,23 +148,46 @@ def check_image_msg(msg: Image, max_pixels: int) -> None:
         raise ImageConversionError(
             f"image is {msg.width}x{msg.height} = {pixels} pixels, over max_image_pixels={max_pixels}"
         )
-    channels, _ = ENCODINGS[msg.encoding]
-    row_bytes = msg.width * channels
+    _check_chroma_blocks(msg.encoding, msg.width, msg.height)
+    layout = ENCODINGS[msg.encoding]
+    row_bytes = layout.row_bytes(msg.width)
     if msg.step < row_bytes:
-        raise ImageConversionError(f"step {msg.step} is smaller than width * channels = {row_bytes} for {msg.encoding}")
-    if len(msg.data) != msg.step * msg.height:
-        raise ImageConversionError(f"data holds {len(msg.data)} bytes, but step * height = {msg.step * msg.height}")
+        raise ImageConversionError(
+            f"step {msg.step} is smaller than a row of {msg.width} {msg.encoding} pixels, {row_bytes} bytes"
+        )
+    rows = layout.data_rows(msg.height)
+    if len(msg.data) != msg.step * rows:
+        rows_text = "height" if rows == msg.height else "height * 3/2"
+        raise ImageConversionError(
+            f"data holds {len(msg.data)} bytes, but step * {rows_text} = {msg.step * rows} for {msg.encoding}"
+        )
+
+
+def _check_chroma_blocks(encoding: str, width: int, height: int) -> None:
+    """yuv shares one U and V between a pixel pair (4:2:2) or a 2x2 block (4:2:0): no half blocks."""
+    block_rows, block_columns = ENCODINGS[encoding].shared
+    if width % block_columns or height % block_rows:
+        needs = "an even width" if block_rows == 1 else "an even width and height"
+        raise ImageConversionError(
+            f"{encoding} needs {needs} ({block_columns}x{block_rows} pixel blocks share one U and V), "
+            f"got {width}x{height}"
+        )
 
 
 def image_msg_to_rgb(msg: Image, max_pixels: int) -> np.ndarray:
     """An RGB uint8 (height, width, 3) copy of the image in `msg`."""
     check_image_msg(msg, max_pixels)
-    channels, to_rgb = ENCODINGS[msg.encoding]
-    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)
-    pixels = rows[:, : msg.width * channels].reshape(msg.height, msg.width, channels)
-    if to_rgb is None:
-        return pixels.copy()
-    return cv2.cvtColor(np.ascontiguousarray(pixels), to_rgb)
+    layout = ENCODINGS[msg.encoding]
+    rows = layout.data_rows(msg.height)
+    samples = np.frombuffer(msg.data, dtype=np.uint8).reshape(rows, msg.step)[:, : layout.row_bytes(msg.width)]
+    if layout.sample_bytes == 2:
+        # A copy first: with an odd step the rows' 16-bit samples are not aligned.
+        words = np.ascontiguousarray(samples).view(">u2" if msg.is_bigendian else "<u2")
+        samples = (words >> 8).astype(np.uint8)
+    samples = samples.reshape(rows, msg.width, layout.channels)
+    if layout.to_rgb is None:
+        return samples.copy()
+    return cv2.cvtColor(np.ascontiguousarray(samples), layout.to_rgb)
 
 
 def check_compressed_msg(msg: CompressedImage, max_pixels: int) -> tuple[int, int]:
@@ -226,27 +321,70 @@ def _decode(data, fmt: str) -> np.ndarray:
 
 
 def rgb_to_image_msg(frame: np.ndarray, encoding: str = "rgb8", header=None) -> Image:
-    """Build an Image message from an RGB uint8 frame, in any of the supported encodings."""
+    """Build an Image message from an RGB uint8 frame, in any of the supported encodings.
+
+    What image_msg_to_rgb reads back, for tests and the camera stand-in: 16-bit samples are
+    value * 257, little-endian; yuv is BT.601 video range.
+    """
     if encoding not in ENCODINGS:
         raise ImageConversionError(f"unsupported image encoding '{shown(encoding)}'; supported: {SUPPORTED}")
-    from_rgb = {
-        "rgb8": None,
-        "bgr8": cv2.COLOR_RGB2BGR,
-        "rgba8": cv2.COLOR_RGB2RGBA,
-        "bgra8": cv2.COLOR_RGB2BGRA,
-        "mono8": cv2.COLOR_RGB2GRAY,
-    }[encoding]
-    pixels = frame if from_rgb is None else cv2.cvtColor(frame, from_rgb)
-    pixels = np.ascontiguousarray(pixels)
+    layout = ENCODINGS[encoding]
+    height, width = frame.shape[:2]
+    _check_chroma_blocks(encoding, width, height)
+    samples = _samples_from_rgb(frame, layout)
+    if layout.sample_bytes == 2:
+        samples = (samples.astype(np.uint16) * 257).astype("<u2")
+    samples = np.ascontiguousarray(samples)
     msg = Image()
     if header is not None:
         msg.header = header
-    msg.height, msg.width = pixels.shape[:2]
+    msg.height, msg.width = height, width
     msg.encoding = encoding
     msg.is_bigendian = 0
-    msg.step = pixels.strides[0]
-    msg.data = pixels.tobytes()
+    msg.step = samples.strides[0]
+    msg.data = samples.tobytes()
     return msg
+
+
+def _samples_from_rgb(frame: np.ndarray, layout: Layout) -> np.ndarray:
+    """The 8-bit samples of `layout` for an RGB frame, one row of the data per row of the array."""
+    if layout.name in BAYER:
+        mosaic = np.empty(frame.shape[:2], np.uint8)
+        for index, colour in enumerate(layout.name):  # the 2x2 block, row by row
+            row, column = divmod(index, 2)
+            mosaic[row::2, column::2] = frame[row::2, column::2, "rgb".index(colour)]
+        return mosaic
+    if layout.shared != (1, 1):
+        return _yuv_from_rgb(frame, layout)
+    from_rgb = {
+        "rgb": None,
+        "bgr": cv2.COLOR_RGB2BGR,
+        "rgba": cv2.COLOR_RGB2RGBA,
+        "bgra": cv2.COLOR_RGB2BGRA,
+        "mono": cv2.COLOR_RGB2GRAY,
+    }[layout.name]
+    return frame if from_rgb is None else cv2.cvtColor(frame, from_rgb)
+
+
+def _yuv_from_rgb(frame: np.ndarray, layout: Layout) -> np.ndarray:
+    """BT.601 video-range yuv in `layout`, U and V averaged over each block of pixels sharing them.
+
+    Written out in numpy: opencv's RGB2YUV_UYVY and _YUY2 are newer than Humble's opencv 4.5.
+    """
+    height, width = frame.shape[:2]
+    rgb = frame.astype(np.float64) / 255
+    y = 16 + rgb @ np.array([65.481, 128.553, 24.966])
+    u = 128 + rgb @ np.array([-37.797, -74.203, 112.0])
+    v = 128 + rgb @ np.array([112.0, -93.786, -18.214])
+    block_rows, block_columns = layout.shared
+    u, v = (c.reshape(height // block_rows, block_rows, -1, block_columns).mean(axis=(1, 3)) for c in (u, v))
+    y, u, v = (np.clip(np.rint(c), 0, 255).astype(np.uint8) for c in (y, u, v))
+    if layout.name in ("nv12", "nv21"):
+        chroma = np.stack((u, v) if layout.name == "nv12" else (v, u), axis=-1).reshape(height // 2, width)
+        return np.vstack([y, chroma])
+    chroma = np.stack((u, v), axis=-1).reshape(height, width)  # U of a pixel pair, then its V
+    pairs = np.stack((chroma, y) if layout.name == "uyvy" else (y, chroma), axis=-1)
+    return pairs.reshape(height, width * 2)
 
 
 def rgb_to_compressed_msg(frame: np.ndarray, fmt: str = "jpeg", header=None) -> CompressedImage:
