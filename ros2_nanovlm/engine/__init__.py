@@ -12,6 +12,7 @@ from .api import (
     GenerationRequest,
     InvalidInput,
     ModelLoadError,
+    OutOfMemory,
     Timings,
     Turn,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "GenerationRequest",
     "InvalidInput",
     "ModelLoadError",
+    "OutOfMemory",
     "Timings",
     "Turn",
     "VLMEngine",

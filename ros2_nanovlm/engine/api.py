@@ -23,6 +23,11 @@ class InvalidInput(EngineError):
     """The request cannot be answered as given (bad image, empty or overlong prompt, ...)."""
 
 
+class OutOfMemory(EngineError):
+    """An answer ran out of memory (host or GPU); the model stays loaded and the next request
+    may fit."""
+
+
 class ModelLoadError(EngineError):
     """The model could not be loaded; the message names the path and the reason."""
 
@@ -124,6 +129,9 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes in a prompt as typed (control tokens counted as text). Called from
         any thread, also while generate() runs on another."""
+
+    def release_cached_memory(self) -> None:  # noqa: B027 - optional: after an out-of-memory error
+        """Give cached allocations back (after an out-of-memory error), keeping the model."""
 
     def prepare_images(self, frames: Sequence[np.ndarray]) -> int:
         """Encode these frames in one batch into the embedding cache; returns how many were

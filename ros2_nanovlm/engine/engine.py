@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from .api import Answer, Backend, GenerationControl, GenerationRequest, InvalidInput, JsonRequest, Turn
+from .api import (
+    Answer,
+    Backend,
+    GenerationControl,
+    GenerationRequest,
+    InvalidInput,
+    JsonRequest,
+    OutOfMemory,
+    Turn,
+)
 from .config import MAX_CHARS_PER_TOKEN, EngineConfig
 from .frames import check_frame
 from .json_output import json_instruction
@@ -127,7 +136,16 @@ class VLMEngine:
             raise InvalidInput(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
         request = GenerationRequest(system_prompt, turns, max_new_tokens, json)
         with self._lock:
-            answer = self._backend.generate(request, control)
+            try:
+                answer = self._backend.generate(request, control)
+            except Exception as error:
+                if not _is_out_of_memory(error):
+                    raise
+                self._backend.release_cached_memory()
+                raise OutOfMemory(
+                    f"out of memory while answering ({str(error)[:200]}); the model stays loaded: "
+                    "retry, or ask for fewer tokens"
+                ) from error
         if json is not None:
             answer.json, answer.json_error = _json_result(answer)
         return answer
@@ -291,3 +309,8 @@ def _json_result(answer: Answer) -> tuple[str, str]:
         f"the answer reached {limit} ({answer.generated_tokens} tokens) before its JSON was complete; "
         "raise max_new_tokens or ask for less"
     )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Host MemoryError, or torch's OutOfMemoryError (CUDA and others), without importing torch."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"

@@ -89,8 +89,14 @@ class PendingQuestion:
     never raises: the answer, an error, the timeout or a cancel, whichever comes first. The
     worker, the deadline thread and executor threads (cancel) may all complete it."""
 
-    def __init__(self, cancel: threading.Event, header: Header | None = None):
+    def __init__(
+        self,
+        cancel: threading.Event,
+        header: Header | None = None,
+        report: Callable[[str], None] = lambda problem: None,
+    ):
         self.future: Future[Outcome] = Future()
+        self._report = report
         self.header = header or Header()
         self._cancel = cancel
         self._task: Future | None = None
@@ -126,10 +132,14 @@ class PendingQuestion:
         error = task.exception()
         if error is None:
             self.finish(answer=task.result())
-        elif isinstance(error, (ImageConversionError, EngineError, ModelUnavailable)):
-            self.finish(error=str(error))
+        elif isinstance(error, (ImageConversionError, InvalidInput, ModelUnavailable)):
+            self.finish(error=str(error))  # the caller's input, or a state diagnostics shows
         else:
-            self.finish(error=f"internal error: {error!r}")
+            # The node's own failure (out of memory, a bug): the caller hears, and so do the
+            # log and /diagnostics, where an operator looks.
+            problem = str(error) if isinstance(error, EngineError) else f"internal error: {error!r}"
+            self._report(problem)
+            self.finish(error=problem)
 
 
 class Asker:
@@ -145,8 +155,10 @@ class Asker:
         cameras: Callable[[], CameraInputs | None],  # None while inactive
         camera_names: list[str],
         topic_of_camera: Callable[[str], str],
+        report: Callable[[str], None] = lambda problem: None,
     ):
         self._worker = worker
+        self._report = report
         self._engine = engine
         self._settings = settings
         self._cameras = cameras
@@ -172,7 +184,7 @@ class Asker:
             pending = PendingQuestion(cancel)
             pending.finish(error=str(error))
             return pending
-        pending = PendingQuestion(cancel, frame_msg.header)
+        pending = PendingQuestion(cancel, frame_msg.header, self._report)
         queued_at = time.monotonic()
 
         def answer() -> Answer:

@@ -85,6 +85,7 @@ class NodeParts:
             lambda: self._inputs,
             self.cameras,
             lambda camera: node.resolve_topic_name(topic(camera, "image")),
+            report=self._report_request_error,
         )
         self._query = QueryService(node, asker, requests, is_active=lambda: self._active)
         self._action = AskAction(
@@ -301,6 +302,9 @@ class NodeParts:
             except EngineError as error:
                 self._reject_frame(incoming.camera, error)
                 continue
+            except Exception as error:  # noqa: BLE001 - a bug costs this frame, not the stream
+                self._reject_frame(incoming.camera, f"internal error: {error!r}")
+                continue
             latency_ms = self._latency_ms(incoming)
             self.stats.answered(incoming.camera, latency_ms)
             outputs = self._outputs.get(incoming.camera)
@@ -328,7 +332,11 @@ class NodeParts:
             return (now - (stamp.sec * 1_000_000_000 + stamp.nanosec)) / 1e6
         return (time.monotonic() - incoming.received_at) * 1000.0
 
-    def _reject_frame(self, camera: str, error: Exception) -> None:
+    def _report_request_error(self, problem: str) -> None:
+        self.stats.error(problem)
+        self._log.error(f"request failed: {problem}", throttle_duration_sec=ERROR_THROTTLE_S)
+
+    def _reject_frame(self, camera: str, error: Exception | str) -> None:
         self.stats.rejected(camera, error)
         self._log.error(f"frame dropped: {error}", throttle_duration_sec=ERROR_THROTTLE_S)
 

@@ -266,6 +266,11 @@ class TransformersBackend(Backend):
                 embeds[first - start : last - start] = rows.to(embeds.dtype)
         return embeds
 
+    def release_cached_memory(self) -> None:
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def count_tokens(self, text: str) -> int:
         return self.prompter.count_tokens(text)
 
