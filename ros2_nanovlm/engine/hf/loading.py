@@ -29,6 +29,9 @@ def read_model_config(model_path: str) -> dict:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read '{config_file}': {error}") from error
+    family = _original_family(model_path)
+    if family is not None:  # an original checkpoint (LLaVA, Obsidian, VILA): converted on load
+        return {"model_type": "llava", "text_config": family.text_config(model_path), "family": family.__name__}
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -56,6 +59,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_llava(model_path: str, device: torch.device, dtype: torch.dtype):
     """Load a LLaVA-1.5 or LLaVA-1.6 (llava_next) model and its processor from a local directory."""
     read_model_config(model_path)
+    family = _original_family(model_path)
+    if family is not None:
+        model, processor = family.load(model_path, dtype=dtype)
+        return model.to(device).eval(), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -64,3 +71,11 @@ def load_llava(model_path: str, device: torch.device, dtype: torch.dtype):
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load the model in '{model_path}': {error}") from error
     return model.to(device).eval(), processor
+
+
+def _original_family(model_path: str):
+    """The model family (engine/families) whose original, non-transformers layout the directory
+    holds, or None for a transformers directory."""
+    from ..families import find
+
+    return find(model_path)

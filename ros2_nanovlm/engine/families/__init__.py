@@ -1,0 +1,44 @@
+"""Model families whose published checkpoints are not transformers directories: each is
+recognised from its config.json alone (no weights read) and converted in memory, on load, to
+the transformers classes the backend already runs (LlavaForConditionalGeneration and
+LlavaNextForConditionalGeneration, with a processor that carries the family's chat template).
+
+A family module has:
+    recognise(path) -> bool       from config.json keys and architectures only
+    load(path, *, dtype, vision_tower=None) -> (model on the CPU, processor)
+and is listed in FAMILIES, first match wins. transformers-format directories (llava-hf) are
+no family's: they load as before.
+
+The vision tower that LLaVA-style checkpoints name but do not hold is found offline (towers.py):
+the `vision_tower` argument or $NANOVLM_VISION_TOWER, a local directory, or the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..api import ModelLoadError
+from . import llava_original, obsidian
+
+# Most specific first: Obsidian's config also carries LLaVA's mm_* keys.
+FAMILIES: tuple[ModuleType, ...] = (obsidian, llava_original)
+
+
+def find(path: str | Path) -> ModuleType | None:
+    """The family whose original layout `path` holds, or None (a transformers directory, or
+    something else that the caller reports)."""
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file():
+        return None
+    return next((family for family in FAMILIES if family.recognise(directory)), None)
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, vision_tower: str | Path | None = None):
+    """(transformers model on the CPU in `dtype`, processor) of an original checkpoint."""
+    family = find(path)
+    if family is None:
+        raise ModelLoadError(f"'{path}' is not the original checkpoint of a known model family")
+    return family.load(path, dtype=dtype, vision_tower=vision_tower)
