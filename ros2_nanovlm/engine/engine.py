@@ -14,10 +14,12 @@ import numpy as np
 from .api import (
     Answer,
     Backend,
+    EngineError,
     GenerationControl,
     GenerationRequest,
     InvalidInput,
     JsonRequest,
+    ModelLoadError,
     OutOfMemory,
     Turn,
 )
@@ -51,7 +53,17 @@ class VLMEngine:
     @classmethod
     def load(cls, config: EngineConfig) -> VLMEngine:
         config.validate()
-        return cls(create_backend(config), config)
+        try:
+            backend = create_backend(config)
+        except EngineError:
+            raise
+        except Exception as error:
+            # A model directory is user input: whatever a malformed one makes transformers or
+            # torch raise, the caller gets one kind of error that names the directory.
+            raise ModelLoadError(
+                f"cannot load '{config.model_path}': {type(error).__name__}: {str(error)[:300]}"
+            ) from error
+        return cls(backend, config)
 
     @property
     def model_name(self) -> str:
@@ -163,6 +175,10 @@ class VLMEngine:
             if allow_empty:
                 return 0
             raise InvalidInput(f"{what} is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer takes it
+            raise InvalidInput(f"{what} is not valid Unicode text (at character {error.start})") from None
         limit = self.config.max_prompt_tokens
         if len(prompt) > limit * MAX_CHARS_PER_TOKEN:
             raise InvalidInput(
