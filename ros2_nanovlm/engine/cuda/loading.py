@@ -26,6 +26,13 @@ CACHE_FORMAT = "nanovlm-w4-v3"  # v2: int8 embeddings and LM head, unused vision
 
 def load_fast_llava(model_path: str, device: torch.device, *, quantize: bool, max_tokens: int, cache_home: Path):
     """(vision part of the LLaVA model on `device`, processor, FastLlama ready to run)."""
+    from ..families import find
+
+    if find(model_path) is not None:  # an original checkpoint: converted in memory (no 4-bit cache file)
+        from ..hf.loading import load_llava
+
+        model, processor = load_llava(model_path, torch.device("cpu"), torch.float16)
+        return model.eval(), processor, fast_llava_from_model(model, device, quantize=quantize, max_tokens=max_tokens)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:

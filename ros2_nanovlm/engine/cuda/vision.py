@@ -24,6 +24,10 @@ class GpuLlavaImageEncoder:
         # (x * scale - mean) / std as one multiply-add
         self._multiplier = scale / std
         self._offset = -mean / std
+        # LLaVA's image_aspect_ratio "pad" (expand2square; LlavaImageProcessor's do_pad): the
+        # frame goes on a square of the mean colour before the resize.
+        pad = getattr(image_processor, "do_pad", False)
+        self._pad_colour = (mean * 255).floor().view(1, 3, 1, 1) if pad else None
         config = model.config
         self._feature_kwargs = dict(
             vision_feature_layer=config.vision_feature_layer,
@@ -34,6 +38,12 @@ class GpuLlavaImageEncoder:
         pixels = torch.from_numpy(frame).to(self._device, non_blocking=True)
         pixels = pixels.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
         height, width = pixels.shape[-2:]
+        if self._pad_colour is not None and height != width:
+            side = max(height, width)
+            square = self._pad_colour.expand(1, 3, side, side).clone()
+            top, left = (side - height) // 2, (side - width) // 2
+            square[..., top : top + height, left : left + width] = pixels
+            pixels, height, width = square, side, side
         # as transformers: the short side becomes shortest_edge, the long side is truncated
         edge = self._shortest_edge
         resized = (edge, int(edge * width / height)) if height <= width else (int(edge * height / width), edge)
