@@ -178,6 +178,11 @@ class InferenceWorker:
             return len(self._tasks)
 
     @property
+    def queue_full(self) -> bool:
+        with self._wake:
+            return sum(not task.future.cancelled() for task in self._tasks) >= self._max_pending_tasks
+
+    @property
     def waiting_frames(self) -> int:
         with self._wake:
             return len(self._slots)

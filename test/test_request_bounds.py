@@ -55,7 +55,7 @@ def test_questions_waiting_for_the_model_hold_no_executor_thread(node, photos):
     assert waiting.wait_for_service(timeout_sec=TIMEOUT)
     image = frame_msg(photos["soccer"])
     futures = [
-        waiting.call_async(Query.Request(prompt=f"Describe it at length {i}.", image=image, max_new_tokens=300))
+        waiting.call_async(Query.Request(prompt=f"Describe it at length {i}.", image=image, max_new_tokens=100))
         for i in range(8)
     ]
     assert client.get_parameter("rate") == 0.0
@@ -66,6 +66,30 @@ def test_questions_waiting_for_the_model_hold_no_executor_thread(node, photos):
     assert not all(f.done() for f in futures), "the frame waited for every question"
     assert client.spin_until(lambda: all(f.done() for f in futures), timeout=600)
     assert all(f.result().success for f in futures), [f.result().error for f in futures]
+
+
+def test_setting_model_path_while_the_queue_is_full_is_refused_busy_and_the_node_lives(node, tiny_llava, photos):
+    process, client = node
+    image = frame_msg(photos["lake"])
+    # A long goal runs (its feedback says so) and eight queries wait behind it: the queue is full.
+    streaming = []
+    assert client.ask_client.wait_for_server(timeout_sec=TIMEOUT)
+    goal = Ask.Goal(prompt="Describe everything.", image=image, max_new_tokens=4000)
+    goal_future = client.ask_client.send_goal_async(goal, feedback_callback=streaming.append)
+    assert client.spin_until(lambda: len(streaming) >= 1)
+    waiting = client.node.create_client(Query, "query", qos_profile=QoSProfile(depth=16))
+    assert waiting.wait_for_service(timeout_sec=TIMEOUT)
+    futures = [waiting.call_async(Query.Request(prompt=f"All {i}?", image=image, max_new_tokens=8)) for i in range(8)]
+    client.wait_for_status(lambda status, values: values["queue depth"] == "8")
+
+    result = client.set_parameter("model.path", str(tiny_llava))
+    assert not result.successful and result.reason.startswith("busy: 8 requests wait"), result.reason
+
+    client._await(goal_future.result().cancel_goal_async())
+    assert client.spin_until(lambda: all(f.done() for f in futures), timeout=600)
+    assert all(f.result().success for f in futures)
+    assert process.process.poll() is None  # alive
+    assert client.set_parameter("model.path", str(tiny_llava)).successful  # free again: accepted
 
 
 def test_a_timed_out_request_is_stopped_and_the_model_is_free_again(node, photos):

@@ -202,6 +202,13 @@ class NodeParts:
             reason = parameters.check(parameter.name, parameter.value, max_prompt_tokens, count_tokens)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
+            if parameter.name == "model.path" and self._wants_model and self.worker.queue_full:
+                # The load would queue behind the requests and be refused: say so now, and keep
+                # the value that names the model actually loaded.
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"busy: {self.worker.pending_tasks} requests wait for the model; set model.path again later",
+                )
         if not hasattr(self.node, "add_post_set_parameters_callback"):  # Humble: no post-set hook
             self._apply_parameters(changed)
         return SetParametersResult(successful=True)
