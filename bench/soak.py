@@ -245,8 +245,10 @@ def conduct(args) -> dict:
     spin_for(3.0)  # the last results and a fresh /diagnostics
     rss["end_mb"] = rss_mb(node_process.pid)
     node_status = dict(status)
+    stopping = time.time()
     node_process.send_signal(2)
     node_process.wait(timeout=60)
+    shutdown_s = time.time() - stopping
     rclpy.shutdown()
 
     measured_from = started + args.warmup
@@ -312,6 +314,8 @@ def conduct(args) -> dict:
             "rss_growth_at_most_5_percent": growth <= 0.05,
             "frame_age_p95_at_most_2_periods": age_p95_periods <= 2.0,
         },
+        "shutdown_s_after_sigint": round(shutdown_s, 2),
+        "node_exit_code": node_process.returncode,
         "node_log": str(work / "node.log"),
     }
 

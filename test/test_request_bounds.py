@@ -110,9 +110,11 @@ def test_a_timed_out_request_is_stopped_and_the_model_is_free_again(node, photos
     assert result.success and result.queue_ms < 20 * token_ms, (result.queue_ms, token_ms)
 
 
-def test_sigint_during_a_long_answer_ends_the_node_cleanly(tmp_path, tiny_llava, photos):
-    process = NodeProcess("/bounds_sigint", tmp_path / "node.log", f"model.path:={tiny_llava}")
-    client = Client("/bounds_sigint")
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_long_answer_ends_the_node_cleanly(tmp_path, tiny_llava, photos, signal_number):
+    namespace = f"/bounds_{signal.Signals(signal_number).name.lower()}"
+    process = NodeProcess(namespace, tmp_path / "node.log", f"model.path:={tiny_llava}")
+    client = Client(namespace)
     try:
         client.wait_ready()
         started = []
@@ -121,9 +123,9 @@ def test_sigint_during_a_long_answer_ends_the_node_cleanly(tmp_path, tiny_llava,
         client.ask_client.send_goal_async(goal, feedback_callback=lambda message: started.append(message))
         assert client.spin_until(lambda: len(started) >= 2)  # the answer is being generated
         signalled = time.monotonic()
-        process.process.send_signal(signal.SIGINT)
+        process.process.send_signal(signal_number)
         exit_code = process.process.wait(timeout=30)  # a bound for a hang, not a speed claim
-        print(f"node exited {time.monotonic() - signalled:.2f} s after SIGINT, mid-answer")
+        print(f"node exited {time.monotonic() - signalled:.2f} s after {signal_number!r}, mid-answer")
         assert exit_code == 0, process.log()[-2000:]
     finally:
         client.close()
