@@ -34,7 +34,8 @@ class CameraPlayer(Node):
             raise ValueError(f"rate must be > 0, got {rate}")
 
         self.photos = list_photos(source)
-        self._frames = [load_photo(path, width) for path in self.photos]
+        # Even sizes: 4:2:2 and 4:2:0 encodings (yuv422, nv12) share chroma between pixel pairs.
+        self._frames = [_even(load_photo(path, width)) for path in self.photos]
         self._publisher = self.create_publisher(Image, "image", qos_profile_sensor_data)
         self._compressed_publisher = (
             self.create_publisher(CompressedImage, "image/compressed", qos_profile_sensor_data)
@@ -63,6 +64,10 @@ class CameraPlayer(Node):
         if len(self.sent_stamps) > SENT_STAMPS_KEPT:
             self.sent_stamps.popitem(last=False)
         self.sent += 1
+
+
+def _even(frame):
+    return frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2]
 
 
 def main(args=None) -> None:

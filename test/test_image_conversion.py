@@ -488,3 +488,14 @@ def test_rgb_to_image_msg_writes_every_encoding_it_reads(encoding):
 def test_rgb_to_image_msg_refuses_half_chroma_blocks(encoding, size):
     with pytest.raises(ImageConversionError, match=f"{encoding} needs an even width"):
         rgb_to_image_msg(smooth_frame(*size), encoding)
+
+
+def test_the_camera_player_can_send_every_photo_in_every_encoding():
+    from ros2_nanovlm.camera_player import _even
+    from ros2_nanovlm.resources import bundled_photos_dir, list_photos, load_photo
+
+    frames = [_even(load_photo(path, 640)) for path in list_photos(bundled_photos_dir())]
+    for encoding in image_conversion.ENCODINGS:
+        for frame in frames:
+            msg = rgb_to_image_msg(frame, encoding)
+            assert image_msg_to_rgb(msg, 1 << 24).shape == frame.shape
