@@ -666,3 +666,186 @@ def test_llava16_mistral_uses_mistral_and_its_instruct_format(tmp_path):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == "[INST] <image>\nWhat is this? [/INST]"
+
+
+# ---------------------------------------------------------------- VILA1.5's split layout
+
+VILA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+SIGLIP_SIZE, SIGLIP_PATCH = 28, 4  # 7 x 7 patches: odd, as so400m's 27 x 27 at 384 px
+
+
+class DownSampleBlock(torch.nn.Module):
+    """VILA1.5's llava/model/multimodal_projector/base_projector.py (May 2024), as written there."""
+
+    def forward(self, x):
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, -1)
+        n, w, h, c = x.size()
+        if w % 2 == 1:
+            x = torch.concat([x, torch.zeros((n, 1, h, c), dtype=x.dtype)], dim=1).contiguous()
+            n, w, h, c = x.size()
+        if h % 2 == 1:
+            x = torch.concat([x, torch.zeros((n, w, 1, c), dtype=x.dtype)], dim=2).contiguous()
+            n, w, h, c = x.size()
+        x = x.view(n, w, int(h / 2), int(c * 2))
+        x = x.permute(0, 2, 1, 3).contiguous()
+        x = x.view(n, int(h / 2), int(w / 2), int(c * 4))
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def vila_projector(vision: int, hidden: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        DownSampleBlock(),
+        torch.nn.LayerNorm(vision * 4),
+        torch.nn.Linear(vision * 4, hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(hidden, hidden),
+    )
+
+
+def write_vila15(directory: Path) -> Path:
+    """VILA1.5-3b's layout: config.json naming ./llm, ./vision_tower (SigLIP), ./mm_projector."""
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    tokenizer = llama_tokenizer()
+    llm_config = llava_config(tokenizer)
+    torch.manual_seed(11)
+    lm = language_model(llm_config)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(20.0)
+    lm.save_pretrained(directory / "llm")
+    tokenizer.save_pretrained(directory / "llm")
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=SIGLIP_SIZE,
+        patch_size=SIGLIP_PATCH,
+    )
+    SiglipVisionModel(vision).save_pretrained(directory / "vision_tower")
+    preprocessor = {
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor",
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": SIGLIP_SIZE, "width": SIGLIP_SIZE},
+    }
+    (directory / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (directory / "mm_projector").mkdir()
+    projector_config = {"architectures": ["MultimodalProjector"], "mm_projector_type": "mlp_downsample"}
+    (directory / "mm_projector" / "config.json").write_text(
+        json.dumps({**projector_config, "model_type": "v2l_projector"})
+    )
+    projector = vila_projector(32, llm_config["hidden_size"])
+    save_file(
+        {f"layers.{k}": v.contiguous() for k, v in projector.state_dict().items()},
+        str(directory / "mm_projector" / "model.safetensors"),
+    )
+    config = {
+        "_name_or_path": "./vlm",
+        "architectures": ["LlavaLlamaModel"],
+        "model_type": "llava_llama",
+        "hidden_size": llm_config["hidden_size"],
+        "mm_hidden_size": 32,
+        "image_aspect_ratio": "resize",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_vision_select_feature": "cls_patch",
+        "mm_vision_select_layer": -2,
+        "model_dtype": "torch.bfloat16",
+        "llm_cfg": {"_name_or_path": "./llm", "architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+        "vision_tower_cfg": {"_name_or_path": "./vision_tower", "architectures": ["SiglipVisionModel"]},
+        "mm_projector_cfg": {"_name_or_path": "./mm_projector", **projector_config},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vila15(store):
+    return write_vila15(store["root"] / "VILA1.5-tiny")
+
+
+def test_vila15_logits_equal_the_original_computation(vila15, photos):
+    """SigLIP layer -2, all tokens (cls_patch), VILA's 2x2 merge with zero padding of the odd
+    grid, LayerNorm/Linear/GELU/Linear, Llama; VILA's vicuna_v1 prompt."""
+    from transformers import LlamaForCausalLM, SiglipVisionModel
+
+    from ros2_nanovlm.engine.families import vila
+
+    assert families.find(vila15) is vila
+    frame = photos["dogs"]
+    engine = engine_for(vila15)
+    backend = engine._backend
+    rendered, ids, features = prompt_of(engine, frame)
+    assert rendered == f"{VILA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT:"
+    assert len(features) == 16  # 7 x 7 patches -> padded 8 x 8 -> 4 x 4 merged tokens
+    original_ids = tokenizer_image_token(rendered, llama_tokenizer())
+    image_token_id = backend.prompter.image_token_id
+    assert collapse_image(ids, image_token_id) == original_ids
+
+    pixels = backend.encode_image._image_processor(images=frame, return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (SIGLIP_SIZE, SIGLIP_SIZE)
+    tower = SiglipVisionModel.from_pretrained(str(vila15 / "vision_tower")).eval()
+    lm = LlamaForCausalLM.from_pretrained(str(vila15 / "llm")).eval()
+    projector = vila_projector(32, 64)
+    from safetensors.torch import load_file
+
+    projector.load_state_dict(
+        {k.removeprefix("layers."): v for k, v in load_file(str(vila15 / "mm_projector" / "model.safetensors")).items()}
+    )
+    with torch.inference_mode():
+        image = projector(tower(pixels, output_hidden_states=True).hidden_states[-2])[0]
+        at = original_ids.index(-200)
+        embed = lm.get_input_embeddings()
+        embeds = torch.cat([embed(torch.tensor(original_ids[:at])), image, embed(torch.tensor(original_ids[at + 1 :]))])
+        reference = lm(inputs_embeds=embeds[None]).logits[0]
+    assert torch.allclose(features, image, atol=1e-5)
+    logits = spliced_logits(backend.model, ids, image_token_id, features)
+    assert torch.allclose(logits, reference, atol=1e-4), (logits - reference).abs().max()
+    answer = engine.ask("What is this?", frame, max_new_tokens=4)
+    assert 1 <= len(answer.token_ids) <= 4
+
+
+def test_vila15_missing_parts_are_named(vila15, tmp_path):
+    import shutil
+
+    broken = tmp_path / "VILA1.5-broken"
+    shutil.copytree(vila15, broken)
+    shutil.rmtree(broken / "vision_tower")
+    with pytest.raises(ModelLoadError, match=r"vision_tower directory 'vision_tower/'"):
+        families.load(broken)
+    shutil.copytree(vila15 / "vision_tower", broken / "vision_tower")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(broken / "mm_projector" / "model.safetensors"))
+    del weights["layers.4.weight"]
+    save_file(weights, str(broken / "mm_projector" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"lacks the projector weight layers\.4\.weight"):
+        families.load(broken)
+
+
+def test_the_first_vila_is_llava_layout_with_vilas_prompt(tmp_path):
+    tokenizer = llama_tokenizer()
+    config = llava_config(tokenizer, _name_or_path="Efficient-Large-Model/VILA-7b", image_aspect_ratio="resize")
+    config["mm_vision_select_feature"] = "cls_patch"
+    path = write_checkpoint(tmp_path / "VILA-7b-tiny", config, original_weights(config), tokenizer)
+    from ros2_nanovlm.engine.families import vila
+
+    assert families.find(path) is vila
+    model, processor = families.load(path)
+    assert model.config.vision_feature_select_strategy == "full"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == f"{VILA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT:"
+    pixels = processor.image_processor(images=np.zeros((20, 40, 3), np.uint8), return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)  # squashed, not cropped

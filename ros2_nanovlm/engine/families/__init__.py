@@ -21,10 +21,10 @@ from types import ModuleType
 import torch
 
 from ..api import ModelLoadError
-from . import llava_original, obsidian
+from . import llava_original, obsidian, vila
 
-# Most specific first: Obsidian's config also carries LLaVA's mm_* keys.
-FAMILIES: tuple[ModuleType, ...] = (obsidian, llava_original)
+# Most specific first: VILA's and Obsidian's configs also carry LLaVA's mm_* keys.
+FAMILIES: tuple[ModuleType, ...] = (vila, obsidian, llava_original)
 
 
 def find(path: str | Path) -> ModuleType | None:

@@ -92,18 +92,22 @@ def _system_then_turns(default_system: str) -> str:
     )
 
 
-VICUNA_V1_TEMPLATE = (
-    _CONTENT_MACRO
-    + _system_then_turns(VICUNA_V1_SYSTEM)
-    + (
-        "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
-        "{%- for message in turns -%}"
-        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + content(message['content']) + ' ' }}"
-        "{%- else -%}{{ 'ASSISTANT: ' + content(message['content']) + '</s>' }}{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+def vicuna_v1_template(default_system: str) -> str:
+    return (
+        _CONTENT_MACRO
+        + _system_then_turns(default_system)
+        + (
+            "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+            "{%- for message in turns -%}"
+            "{%- if message['role'] == 'user' -%}{{ 'USER: ' + content(message['content']) + ' ' }}"
+            "{%- else -%}{{ 'ASSISTANT: ' + content(message['content']) + '</s>' }}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+        )
     )
-)
+
+
+VICUNA_V1_TEMPLATE = vicuna_v1_template(VICUNA_V1_SYSTEM)
 
 # LLaVA's conv_mistral_instruct (llava-v1.6-mistral-7b): [INST] <image>\nQUESTION [/INST] ANSWER </s>
 MISTRAL_INSTRUCT_TEMPLATE = (
@@ -297,14 +301,14 @@ def convert_weights(path: Path, original: dict, config, tower: VisionTower, dtyp
         converted["model.multi_modal_projector.linear_2.bias"] = torch.zeros(hidden)
     if not any(name.startswith("model.vision_tower.") for name in converted):
         converted.update(("model.vision_tower." + name, tensor) for name, tensor in tower.weights().items())
-    return _checked(path, config, converted, dtype)
+    return checked(path, config, converted, dtype)
 
 
-def _checked(path: Path, config, state: dict, dtype: torch.dtype) -> dict:
+def checked(path: Path, config, state: dict, dtype: torch.dtype, cls=None) -> dict:
     """`state` cast to `dtype`, after checking names and shapes against the model `config`
     describes (built on the meta device: no memory, no initialisation)."""
     with torch.device("meta"):
-        skeleton = model_class(config)(config)
+        skeleton = (cls or model_class(config))(config)
     expected = skeleton.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -337,10 +341,10 @@ def model_class(config):
     return LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
 
 
-def build_model(config, state: dict, dtype: torch.dtype):
+def build_model(config, state: dict, dtype: torch.dtype, cls=None):
     """The transformers model holding `state` (names and shapes already checked)."""
     try:
-        return model_class(config).from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+        return (cls or model_class(config)).from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"cannot build the {config.model_type} model: {error}") from error
 

@@ -49,7 +49,10 @@ class VisionTower:
         `vision_model.` prefix; a full CLIP/SigLIP checkpoint's text half is left out)."""
         prefix = "vision_model."
         state = load_weights(self.path, keep=lambda name: name.startswith(prefix) or not _is_other_half(name))
-        return {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+        state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+        if not getattr(self.config, "vision_use_head", True):  # SigLIP's pooling head, unused
+            state = {name: tensor for name, tensor in state.items() if not name.startswith("head.")}
+        return state
 
     def image_processor(self, processor_class, **overrides):
         """`processor_class` (a transformers image processor) with the tower's own settings
@@ -80,14 +83,14 @@ def find_vision_tower(name: str, model_dir: Path, explicit: str | Path | None = 
         path = Path(explicit).expanduser()
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"the vision tower directory '{path}' (given for '{name}') has no config.json")
-        return _open_tower(name, path)
+        return open_tower(name, path)
     if not name:
         raise ModelLoadError(f"'{model_dir}': config.json names no vision tower (mm_vision_tower)")
     named = Path(name).expanduser()
     local = ([named] if named.is_absolute() else []) + [model_dir / name, model_dir / named.name]
     for candidate in local:
         if (candidate / "config.json").is_file():
-            return _open_tower(name, candidate)
+            return open_tower(name, candidate)
     cache = hub_cache_dir()
     try:
         from huggingface_hub import snapshot_download
@@ -101,10 +104,10 @@ def find_vision_tower(name: str, model_dir: Path, explicit: str | Path | None = 
             f"HF_HUB_CACHE, or point ${TOWER_ENV} at a directory holding its config.json, "
             "preprocessor_config.json and weights"
         ) from error
-    return _open_tower(name, path)
+    return open_tower(name, path)
 
 
-def _open_tower(name: str, path: Path) -> VisionTower:
+def open_tower(name: str, path: Path) -> VisionTower:
     from transformers import AutoConfig
 
     try:
