@@ -15,7 +15,12 @@ class GpuLlavaImageEncoder:
         self._model = model
         self._device = device
         self._dtype = dtype
-        size, crop = image_processor.size, image_processor.crop_size
+        size, crop = image_processor.size, getattr(image_processor, "crop_size", None)
+        # No centre crop (SigLIP, VILA's image_aspect_ratio "resize"): the frame is squashed to
+        # size's height x width.
+        self._squash = crop is None or not getattr(image_processor, "do_center_crop", True)
+        if self._squash:
+            crop = size
         self._shortest_edge = _field(size, "shortest_edge") or min(_field(size, "height"), _field(size, "width"))
         self._crop = (_field(crop, "height"), _field(crop, "width"))
         scale = float(getattr(image_processor, "rescale_factor", 1 / 255))
@@ -44,6 +49,9 @@ class GpuLlavaImageEncoder:
             top, left = (side - height) // 2, (side - width) // 2
             square[..., top : top + height, left : left + width] = pixels
             pixels, height, width = square, side, side
+        if self._squash:
+            pixels = F.interpolate(pixels, size=self._crop, mode="bicubic", antialias=True, align_corners=False)
+            return (pixels.clamp(0, 255) * self._multiplier + self._offset).to(self._dtype)
         # as transformers: the short side becomes shortest_edge, the long side is truncated
         edge = self._shortest_edge
         resized = (edge, int(edge * width / height)) if height <= width else (int(edge * height / width), edge)
