@@ -849,3 +849,29 @@ def test_the_first_vila_is_llava_layout_with_vilas_prompt(tmp_path):
     assert rendered == f"{VILA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT:"
     pixels = processor.image_processor(images=np.zeros((20, 40, 3), np.uint8), return_tensors="pt")["pixel_values"]
     assert pixels.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)  # squashed, not cropped
+
+
+def test_a_sentencepiece_tokenizer_model_as_llava_ships_it_loads_and_answers(tmp_path, photos):
+    """liuhaotian/llava-v1.5-* ship only tokenizer.model (SentencePiece): it is read and converted
+    to a fast tokenizer (the sentencepiece and protobuf packages), and the model answers."""
+    import sentencepiece
+
+    model_dir = tmp_path / "llava-v1.5-sentencepiece"
+    model_dir.mkdir()
+    sentences = ["USER: What is in the image? ASSISTANT: A dog on a lake.", "A chat between a curious human."] * 50
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(model_dir / "tokenizer"), vocab_size=300,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    (model_dir / "tokenizer.vocab").unlink()
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    config = llava_config(llama_tokenizer())
+    config["vocab_size"] = 300
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(model_dir, original_weights(config), safetensors=True)
+
+    engine = VLMEngine.load(EngineConfig(model_path=str(model_dir), max_new_tokens=3))
+    assert engine._backend.tokenizer.is_fast
+    assert engine.ask("What is in the image?", photos["dogs"]).generated_tokens >= 1
