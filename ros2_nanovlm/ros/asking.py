@@ -112,10 +112,10 @@ class PendingQuestion:
 
     def expire(self, timeout: float) -> None:
         """The timeout: the caller hears now; the model stops within one token."""
+        self.finish(error=f"no answer within query_timeout={timeout} s")  # first: it is the outcome
         self._cancel.set()
         if self._task is not None:
             self._task.cancel()
-        self.finish(error=f"no answer within query_timeout={timeout} s")
 
     def finish(self, answer: Answer | None = None, error: str = "") -> None:
         if self._deadline is not None:
