@@ -11,6 +11,18 @@ no family's: they load as before.
 
 The vision tower that LLaVA-style checkpoints name but do not hold is found offline (towers.py):
 the `vision_tower` argument or $NANOVLM_VISION_TOWER, a local directory, or the Hugging Face cache.
+
+PROCESSOR_FAMILIES are the other kind: transformers-format directories whose model needs more
+than image features spliced at one token (3-D positions, image splitting, bidirectional image
+attention, a prefix-LM), so they run through their own processor and model class
+(hf/processor_runner.py). Such a module has:
+    MODEL_TYPE, MODEL_CLASS, PROCESSOR_CLASS   config.json's model_type; transformers class names
+    MULTIPLE_IMAGES                            whether a conversation may hold several images
+    CHAT_TEMPLATE                              the published template (used where a directory has none)
+    recognise(path) -> bool                    from config.json's model_type
+    load(path, *, dtype) -> (model on the CPU, processor)
+    render(system_prompt, turns) -> (text, typed texts)   optional: a prompt format that is not
+                                               a chat template (PaliGemma)
 """
 
 from __future__ import annotations
@@ -21,10 +33,14 @@ from types import ModuleType
 import torch
 
 from ..api import ModelLoadError
-from . import llava_original, obsidian, vila
+from . import llava_original, obsidian, qwen2_5_vl, smolvlm, vila
 
 # Most specific first: VILA's and Obsidian's configs also carry LLaVA's mm_* keys.
 FAMILIES: tuple[ModuleType, ...] = (vila, obsidian, llava_original)
+
+# transformers-format directories run by their own processor, recognised by model_type.
+PROCESSOR_FAMILIES: tuple[ModuleType, ...] = (qwen2_5_vl, smolvlm)
+PROCESSOR_MODEL_TYPES: tuple[str, ...] = tuple(family.MODEL_TYPE for family in PROCESSOR_FAMILIES)
 
 
 def find(path: str | Path) -> ModuleType | None:
@@ -34,6 +50,11 @@ def find(path: str | Path) -> ModuleType | None:
     if not (directory / "config.json").is_file():
         return None
     return next((family for family in FAMILIES if family.recognise(directory)), None)
+
+
+def find_processor_family(path: str | Path) -> ModuleType | None:
+    """The processor-driven family of the transformers directory `path`, or None."""
+    return next((family for family in PROCESSOR_FAMILIES if family.recognise(path)), None)
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, vision_tower: str | Path | None = None):

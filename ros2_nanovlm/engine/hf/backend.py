@@ -26,6 +26,19 @@ from .vision import LlavaImageEncoder
 
 
 class TransformersBackend(Backend):
+    def __new__(cls, config: EngineConfig | None = None):
+        """A directory of a processor-driven family (Qwen2.5-VL, SmolVLM2, ...: engine/families
+        PROCESSOR_FAMILIES) gets that family's backend (processor_runner.py) instead."""
+        if cls is TransformersBackend and config is not None:
+            from ..families import find_processor_family
+
+            family = find_processor_family(config.model_path)
+            if family is not None:
+                from .processor_runner import ProcessorBackend
+
+                return ProcessorBackend(config, family)
+        return super().__new__(cls)
+
     def __init__(self, config: EngineConfig):
         self._start(config, Path(config.model_path).expanduser().resolve().name)
         if is_composed(config.model_path):

@@ -32,11 +32,12 @@ def read_model_config(model_path: str) -> dict:
     family = _original_family(model_path)
     if family is not None:  # an original checkpoint (LLaVA, Obsidian, VILA): converted on load
         return {"model_type": "llava", "text_config": family.text_config(model_path), "family": family.__name__}
+    from ..families import PROCESSOR_MODEL_TYPES  # run by hf/processor_runner.py
+
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"model path '{model_path}' holds a '{model_type}' model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if model_type not in SUPPORTED_MODEL_TYPES + PROCESSOR_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES + PROCESSOR_MODEL_TYPES)
+        raise ModelLoadError(f"model path '{model_path}' holds a '{model_type}' model; supported: {supported}")
     return config
 
 
