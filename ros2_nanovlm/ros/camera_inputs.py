@@ -4,6 +4,9 @@ Each arriving frame is counted, checked cheaply (header fields and buffer size; 
 frame its format and declared size; decoding waits for the worker, since most frames are
 replaced before the model is free), kept as the camera's
 latest frame for queries, and offered to the worker, which keeps only the newest per camera.
+
+Raw images are subscribed serialized and read by raw_image.py: only the frames the model answers
+are ever converted, and none is deserialized by rclpy first (raw_image.py says why).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ except ImportError:  # Humble
 from ..worker import InferenceWorker
 from .frame_stats import FrameStats
 from .image_conversion import ImageConversionError, check_compressed_msg, check_image_msg
+from .raw_image import RawImage, read_image
 from .results import topic
 
 # Jazzy and later hand a subscription callback the message's MessageInfo (sequence numbers).
@@ -38,7 +42,7 @@ class IncomingFrame:
     """A camera message as the worker gets it."""
 
     camera: str
-    msg: Image | CompressedImage
+    msg: RawImage | Image | CompressedImage
     received_at: float = field(default_factory=time.monotonic)  # monotonic seconds
 
 
@@ -67,10 +71,10 @@ class CameraInputs:
         self._subscriptions = []
         group = MutuallyExclusiveCallbackGroup()
         for camera in cameras:
-            inputs = [(Image, topic(camera, "image"), self._image_callback)]
-            if compressed:
-                inputs.append((CompressedImage, topic(camera, "image/compressed"), self._compressed_callback))
-            for message_type, name, callback in inputs:
+            inputs = [(Image, topic(camera, "image"), self._image_callback, True)]
+            if compressed:  # small: deserialized as usual
+                inputs.append((CompressedImage, topic(camera, "image/compressed"), self._compressed_callback, False))
+            for message_type, name, callback, raw in inputs:
                 self._subscriptions.append(
                     node.create_subscription(
                         message_type,
@@ -78,6 +82,7 @@ class CameraInputs:
                         self._receiver(camera, name, callback),
                         qos_profile_sensor_data,
                         callback_group=group,
+                        raw=raw,
                         event_callbacks=SubscriptionEventCallbacks(
                             message_lost=lambda info, camera=camera: stats.lost_events(camera, info.total_count_change)
                         ),
@@ -108,11 +113,17 @@ class CameraInputs:
 
         return receive
 
-    def _image_callback(self, camera: str, msg: Image) -> None:
+    def _image_callback(self, camera: str, serialized: bytes) -> None:
         self._stats.received(camera)
         try:
+            msg = read_image(serialized)
             check_image_msg(msg, self._max_pixels())
         except ImageConversionError as error:
+            self._on_rejected(camera, error)
+            return
+        except Exception as error:  # noqa: BLE001 - rclpy's deserialization raises several types
+            self._on_rejected(camera, ImageConversionError(f"not a sensor_msgs/Image: {error}"))
+            return
             self._on_rejected(camera, error)
             return
         self._offer(IncomingFrame(camera, msg))
