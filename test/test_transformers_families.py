@@ -26,7 +26,7 @@ import torch
 
 from ros2_nanovlm.engine import EngineConfig, VLMEngine, families
 from ros2_nanovlm.engine.api import Turn
-from ros2_nanovlm.engine.families import internvl, native, qwen2_5_vl, smolvlm
+from ros2_nanovlm.engine.families import gemma3, internvl, native, qwen2_5_vl, smolvlm
 
 TEXT = dict(
     hidden_size=64,
@@ -230,10 +230,73 @@ def build_internvl():
     return tf.InternVLForConditionalGeneration(config), processor, [eos], {"image_seq_length": 4}
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # Gemma's ids 0-3
+
+
+def build_gemma3():
+    import transformers as tf
+
+    tokenizer = family_tokenizer(
+        GEMMA_SPECIALS
+        + ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"]
+        + ["<image_soft_token>"],
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        unk="<unk>",
+        add_bos=True,
+        named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    # Gemma 3's processor: 896 px, 256 soft tokens (64 x 64 patches pooled 4 x 4); here 32 px,
+    # 4 x 4 patches pooled 2 x 2 to 4 soft tokens.
+    image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = tf.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=gemma3.CHAT_TEMPLATE
+    )
+    boi, eoi, image, eos, end_of_turn, pad, bos = ids_of(
+        tokenizer,
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+        "<eos>",
+        "<end_of_turn>",
+        "<pad>",
+        "<bos>",
+    )
+    config = tf.Gemma3Config(
+        text_config=dict(
+            TEXT,
+            vocab_size=len(tokenizer),
+            # a local layer then a global one; a window shorter than the prompts
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+            query_pre_attn_scalar=16,
+            eos_token_id=[eos, end_of_turn],
+            pad_token_id=pad,
+            bos_token_id=bos,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=image,
+        tie_word_embeddings=False,
+    )
+    return tf.Gemma3ForConditionalGeneration(config), processor, [eos, end_of_turn], {"image_seq_length": 4}
+
+
 BUILDERS = {
     "qwen2_5_vl": build_qwen2_5_vl,
     "smolvlm": build_smolvlm,
     "internvl": build_internvl,
+    "gemma3": build_gemma3,
 }
 
 
@@ -455,3 +518,13 @@ def test_what_sets_the_family_apart_reaches_the_model(tiny, engine, photos):
     else:
         # Gemma 3: bidirectional attention within each image; PaliGemma: over the whole prefix.
         assert differs_without(engine, wide, "token_type_ids")
+
+
+def test_auto_dtype_on_a_gpu_is_bfloat16_for_gemma_and_float16_for_the_others():
+    from ros2_nanovlm.engine.hf.processor_runner import family_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert family_dtype("auto", cuda, gemma3) == torch.bfloat16
+    assert family_dtype("auto", cuda, qwen2_5_vl) == torch.float16
+    assert family_dtype("auto", cpu, gemma3) == torch.float32
+    assert family_dtype("float16", cuda, gemma3) == torch.float16

@@ -19,6 +19,7 @@ attention, a prefix-LM), so they run through their own processor and model class
     MODEL_TYPE, MODEL_CLASS, PROCESSOR_CLASS   config.json's model_type; transformers class names
     MULTIPLE_IMAGES                            whether a conversation may hold several images
     CHAT_TEMPLATE                              the published template (used where a directory has none)
+    CUDA_DTYPE                                 optional: what `dtype: auto` gives on a GPU (else float16)
     recognise(path) -> bool                    from config.json's model_type
     load(path, *, dtype) -> (model on the CPU, processor)
     render(system_prompt, turns) -> (text, typed texts)   optional: a prompt format that is not
@@ -33,13 +34,13 @@ from types import ModuleType
 import torch
 
 from ..api import ModelLoadError
-from . import internvl, llava_original, obsidian, qwen2_5_vl, smolvlm, vila
+from . import gemma3, internvl, llava_original, obsidian, qwen2_5_vl, smolvlm, vila
 
 # Most specific first: VILA's and Obsidian's configs also carry LLaVA's mm_* keys.
 FAMILIES: tuple[ModuleType, ...] = (vila, obsidian, llava_original)
 
 # transformers-format directories run by their own processor, recognised by model_type.
-PROCESSOR_FAMILIES: tuple[ModuleType, ...] = (qwen2_5_vl, smolvlm, internvl)
+PROCESSOR_FAMILIES: tuple[ModuleType, ...] = (qwen2_5_vl, smolvlm, internvl, gemma3)
 PROCESSOR_MODEL_TYPES: tuple[str, ...] = tuple(family.MODEL_TYPE for family in PROCESSOR_FAMILIES)
 
 

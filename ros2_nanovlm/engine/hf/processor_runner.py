@@ -248,13 +248,21 @@ class ProcessorRunner:
         return int(self.token_mask.apply(output.logits[0, -1]).argmax())
 
 
+def family_dtype(name: str, device: torch.device, family: ModuleType) -> torch.dtype:
+    """EngineConfig.dtype for this family: `auto` on a GPU is the family's CUDA_DTYPE where it
+    has one (Gemma's activations overflow float16), else as for every model."""
+    if name == "auto" and device.type == "cuda":
+        return getattr(torch, getattr(family, "CUDA_DTYPE", "float16"))
+    return resolve_dtype(name, device)
+
+
 class ProcessorBackend(Backend):
     """A processor-driven family's model, loaded from a transformers directory (see the module's
     docstring for what it leaves out). One request at a time (the engine serialises calls)."""
 
     def __init__(self, config: EngineConfig, family: ModuleType):
         self._device = resolve_device(config.device)
-        self._dtype = resolve_dtype(config.dtype, self._device)
+        self._dtype = family_dtype(config.dtype, self._device, family)
         self._name = Path(config.model_path).expanduser().resolve().name
         self.family = family
         read_model_config(config.model_path)  # the path's errors, worded as for every model
