@@ -26,7 +26,10 @@ import torch
 
 from ros2_nanovlm.engine import EngineConfig, InvalidInput, VLMEngine, families
 from ros2_nanovlm.engine.api import Turn
-from ros2_nanovlm.engine.families import gemma3, internvl, native, paligemma, qwen2_5_vl, smolvlm
+from ros2_nanovlm.engine.families import gemma3, internvl, native, paligemma, qwen2_5_vl, qwen3_vl, smolvlm
+
+# transformers' PaliGemmaProcessor builds training labels from torch tensors with np.array.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
 TEXT = dict(
     hidden_size=64,
@@ -127,6 +130,61 @@ def build_qwen2_5_vl():
         vision_end_token_id=end,
     )
     return tf.Qwen2_5_VLForConditionalGeneration(config), processor, [eos, pad], {}
+
+
+def build_qwen3_vl():
+    import transformers as tf
+
+    tokenizer = family_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    # Qwen3-VL's processor: 16 px patches, merge 2; here 8 px patches and at most 64*64 pixels.
+    image_processor = tf.Qwen2VLImageProcessorPil(
+        patch_size=8,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = native.images_only(tf.Qwen3VLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=native.NoVideos(),
+        chat_template=qwen3_vl.CHAT_TEMPLATE,
+    )
+    image, video, start, end, eos, pad = ids_of(
+        tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>"
+    )
+    config = tf.Qwen3VLConfig(
+        text_config=dict(
+            TEXT,
+            vocab_size=len(tokenizer),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+            eos_token_id=eos,
+            pad_token_id=pad,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=8,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,  # a 4 x 4 grid of learned positions, interpolated to the frame's
+            deepstack_visual_indexes=[0],  # the first tower layer's features enter the first LM layer
+        ),
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    return tf.Qwen3VLForConditionalGeneration(config), processor, [eos, pad], {}
 
 
 def build_smolvlm():
@@ -343,6 +401,7 @@ def build_paligemma():
 
 BUILDERS = {
     "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
     "smolvlm": build_smolvlm,
     "internvl": build_internvl,
     "gemma3": build_gemma3,
@@ -575,14 +634,27 @@ def last_logits(model, tensors) -> torch.Tensor:
         return model(**tensors).logits[0, -1]
 
 
-def differs_without(engine, frame, key: str) -> bool:
-    """Whether the prompt's last logits change when the processor's `key` tensor is withheld
-    (so the equality with generate() above could not hold if the runner dropped it)."""
+def differs(engine, frame, change) -> bool:
+    """Whether the prompt's last logits change when `change` edits the processor's tensors (so
+    the equality with generate() above could not hold if the runner made that edit)."""
     tensors = prompt_inputs(engine, frame)
-    assert key in tensors
-    without = {name: value for name, value in tensors.items() if name != key}
     model = engine._backend.model
-    return not torch.allclose(last_logits(model, tensors), last_logits(model, without), atol=1e-4)
+    return not torch.allclose(last_logits(model, tensors), last_logits(model, change(dict(tensors))), atol=1e-4)
+
+
+def without(key: str):
+    def change(tensors):
+        assert key in tensors
+        del tensors[key]
+        return tensors
+
+    return change
+
+
+def with_1d_positions(tensors):
+    """Positions as LLaVA's splice would give them: 0, 1, 2, ... for text and image tokens alike."""
+    tensors["position_ids"] = torch.arange(tensors["input_ids"].shape[1])[None]
+    return tensors
 
 
 def image_tokens(engine, tensors) -> int:
@@ -595,7 +667,7 @@ def test_what_sets_the_family_apart_reaches_the_model(tiny, engine, photos):
         # Dynamic resolution: the grid follows the frame's shape; 3-D positions from mm_token_type_ids.
         grids = [prompt_inputs(engine, frame)["image_grid_thw"][0].tolist() for frame in (wide, tall)]
         assert grids[0] == [1, grids[1][2], grids[1][1]] and grids[0][1] != grids[0][2]
-        assert differs_without(engine, wide, "mm_token_type_ids")
+        assert differs(engine, wide, with_1d_positions)
     elif tiny.family in ("smolvlm", "internvl"):
         # Tiles: several crops of the frame plus a global view, each with its own image tokens.
         tensors = prompt_inputs(engine, wide)
@@ -606,7 +678,7 @@ def test_what_sets_the_family_apart_reaches_the_model(tiny, engine, photos):
             assert "<row_1_col_2>" in engine._backend.tokenizer.decode(tensors["input_ids"][0])
     else:
         # Gemma 3: bidirectional attention within each image; PaliGemma: over the whole prefix.
-        assert differs_without(engine, wide, "token_type_ids")
+        assert differs(engine, wide, without("token_type_ids"))
 
 
 def test_auto_dtype_on_a_gpu_is_bfloat16_for_gemma_and_float16_for_the_others():

@@ -34,13 +34,13 @@ from types import ModuleType
 import torch
 
 from ..api import ModelLoadError
-from . import gemma3, internvl, llava_original, obsidian, paligemma, qwen2_5_vl, smolvlm, vila
+from . import gemma3, internvl, llava_original, obsidian, paligemma, qwen2_5_vl, qwen3_vl, smolvlm, vila
 
 # Most specific first: VILA's and Obsidian's configs also carry LLaVA's mm_* keys.
 FAMILIES: tuple[ModuleType, ...] = (vila, obsidian, llava_original)
 
 # transformers-format directories run by their own processor, recognised by model_type.
-PROCESSOR_FAMILIES: tuple[ModuleType, ...] = (qwen2_5_vl, smolvlm, internvl, gemma3, paligemma)
+PROCESSOR_FAMILIES: tuple[ModuleType, ...] = (qwen2_5_vl, qwen3_vl, smolvlm, internvl, gemma3, paligemma)
 PROCESSOR_MODEL_TYPES: tuple[str, ...] = tuple(family.MODEL_TYPE for family in PROCESSOR_FAMILIES)
 
 
