@@ -1,5 +1,6 @@
 """The transformers-format families that run through their own processor (engine/families
-PROCESSOR_FAMILIES, hf/processor_runner.py): Qwen2.5-VL, SmolVLM2, ..., each written here tiny
+PROCESSOR_FAMILIES, hf/processor_runner.py): Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL (-hf),
+Gemma 3 and PaliGemma 2, each written here tiny
 (hidden 64, 2 layers, a 1-2 layer vision tower, 32 px tiles or 8 px patches), with random weights,
 a byte-level tokenizer carrying the family's special tokens and its published chat template (the
 family module says where each template comes from), and its processor built offline from the
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from ros2_nanovlm.engine import EngineConfig, InvalidInput, VLMEngine, families
+from ros2_nanovlm.engine import EngineConfig, InvalidInput, ModelLoadError, VLMEngine, families
 from ros2_nanovlm.engine.api import Turn
 from ros2_nanovlm.engine.families import gemma3, internvl, native, paligemma, qwen2_5_vl, qwen3_vl, smolvlm
 
@@ -492,6 +493,19 @@ def test_recognised_from_config_json_and_loaded_offline(tiny, engine):
     assert type(backend.model).__name__ == family.MODEL_CLASS
     assert backend.multiple_images == family.MULTIPLE_IMAGES
     assert engine.device == "cpu" and next(backend.model.parameters()).dtype == torch.float32
+
+
+def test_a_directory_without_its_weights_or_processor_is_refused_naming_it(tiny, tmp_path):
+    import shutil
+
+    for missing in ("model.safetensors", "tokenizer.json"):
+        broken = tmp_path / missing
+        shutil.copytree(tiny.path, broken)
+        (broken / missing).unlink()
+        with pytest.raises(ModelLoadError, match=str(broken)):
+            VLMEngine.load(EngineConfig(model_path=str(broken), device="cpu"))
+    with pytest.raises(ModelLoadError, match="4-bit"):
+        VLMEngine.load(EngineConfig(model_path=str(tiny.path), device="cpu", quantization="int4"))
 
 
 def test_first_answer_equals_transformers_generate(tiny, engine, photos):
