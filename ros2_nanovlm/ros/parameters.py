@@ -56,8 +56,8 @@ SPECS = (
     Spec(
         "model.path",
         "",
-        "Local Hugging Face directory of a LLaVA-1.5/1.6 model; empty = the embedded default "
-        "model. Setting it at run time loads the new model.",
+        "Local model directory (LLaVA-1.5/1.6, VILA, Obsidian, Qwen2.5-VL, Qwen3-VL, SmolVLM2, Gemma 3, "
+        "PaliGemma 2, InternVL); empty = the embedded default model. Setting it at run time loads the new model.",
     ),
     Spec("model.device", "auto", f"Where the model runs: {DEVICES_HELP}", read_only=True),
     Spec("model.dtype", "auto", f"Weights and activations: {', '.join(DTYPES)}", read_only=True),
