@@ -1,26 +1,34 @@
 """GPU checks before the benchmark: kernels against float32 references at real shapes, the
-4-bit GEMV's bandwidth against cuBLAS fp16 and torchao int4, and FastLlama against transformers.
+4-bit GEMV's bandwidth against cuBLAS fp16 and torchao int4, and FastLlama against transformers;
+the 4-bit prefill GEMM per matrix against cuBLAS fp16 and the old dequantize + cuBLAS path, and
+the prefill of the 7B and 2.7B shapes with fp16 weights, the old 4-bit path and the 4-bit GEMM.
 
-    python bench/check_gpu.py [--out results/check-gpu.json]
+    python bench/check_gpu.py [--out results/check-gpu.json] [--prefill-out results/prefill-w4.json]
+                              [--w4-sweep] [--sweep]
 Exits non-zero when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ros2_nanovlm.engine.cuda import kernels
-from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, graph_time_us
-from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4
+from ros2_nanovlm.engine.cuda import kernels, w4_gemm
+from ros2_nanovlm.engine.cuda.fast_llama import FastLlama, LayerWeights, graph_time_us
+from ros2_nanovlm.engine.quant.int4 import Int4Weight, dequantize_int4, quantize_int4
 from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows
 
 DEVICE = torch.device("cuda")
@@ -28,6 +36,10 @@ DEVICE = torch.device("cuda")
 LLAVA_7B_MATRICES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 failures: list[str] = []
 report: dict = {"checks": {}, "gemv_bandwidth": {}}
+# Token counts of the per-matrix prefill timings: 640 is the 623-token prompt as the prefill
+# graphs pad it (multiples of 64).
+PREFILL_TOKENS = (16, 64, 256, 640, 2048)
+STREAM_K_CHECKS = ((128, 256, 8, 3, 1), (128, 128, 8, 3, 1), (64, 128, 4, 3, 2))
 
 
 def relative_error(value, reference) -> float:
@@ -211,6 +223,286 @@ def measure_gemv_bandwidth() -> None:
                 row["torchao_int4"] = f"failed: {error!r}"[:300]
         report["gemv_bandwidth"][name] = row
         print(name, row, flush=True)
+
+
+def check_w4_gemm() -> None:
+    """The 4-bit prefill GEMM against dequantize-then-matmul in float32 at the 7B's shapes: token
+    counts that are and are not multiples of the blocks, each with the table's configuration;
+    the output starts as NaN, so an unwritten element fails."""
+    torch.manual_seed(1)
+    for name, (n, k) in LLAVA_7B_MATRICES.items():
+        packed = quantize_int4(torch.randn(n, k, device=DEVICE) * 0.02)
+        dense = dequantize_int4(packed)
+        for tokens in (1, 16, 100, 623, 2048):
+            x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+            out = torch.full((tokens, n), float("nan"), device=DEVICE, dtype=torch.float16)
+            w4_gemm.w4_gemm(x, packed, out)
+            config = w4_gemm.w4_gemm_config(tokens)
+            check(f"w4_gemm {name} {n}x{k} M={tokens} {config}", out, x.float() @ dense.T, 2e-3)
+        x = torch.randn(200, k, device=DEVICE, dtype=torch.float16)
+        check(f"w4_gemm {name} M=200 float32 dequantization (the interpreter's path)",
+              w4_gemm.w4_gemm(x, packed, half2=False), x.float() @ dense.T, 2e-3)  # fmt: skip
+        for config in STREAM_K_CHECKS:
+            for tokens in (200, 640):
+                x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+                out = torch.full((tokens, n), float("nan"), device=DEVICE, dtype=torch.float16)
+                w4_gemm.w4_gemm(x, packed, out, config=config)
+                check(f"w4_gemm {name} M={tokens} stream-K {config}", out, x.float() @ dense.T, 2e-3)
+                again = w4_gemm.w4_gemm(x, packed, config=config)
+                flags = w4_gemm._workspaces[DEVICE if DEVICE.index is not None else torch.device("cuda", 0)][1]
+                same = bool(torch.equal(again, out)) and not bool(flags.any())
+                label = f"w4_gemm {name} M={tokens} stream-K {config}: same bits again, flags reset"
+                report["checks"][label] = {"ok": same}
+                print(f"{'ok  ' if same else 'FAIL'} {label}", flush=True)
+                if not same:
+                    failures.append(label)
+        del packed, dense
+
+
+def stream_k_smoke() -> None:
+    """A first stream-K launch on this GPU, run in its own process under a time limit before the
+    checks (a finisher that waited forever would hang them): exit 0 when it finishes and agrees."""
+    torch.manual_seed(4)
+    for n, k, tokens in ((4096, 4096, 640), (12288, 4096, 623), (4096, 11008, 200)):
+        packed = quantize_int4(torch.randn(n, k, device=DEVICE) * 0.02)
+        x = torch.randn(tokens, k, device=DEVICE, dtype=torch.float16)
+        for config in STREAM_K_CHECKS:
+            check(f"stream-K smoke {n}x{k} M={tokens} {config}", w4_gemm.w4_gemm(x, packed, config=config),
+                  x.float() @ dequantize_int4(packed).T, 2e-3)  # fmt: skip
+    torch.cuda.synchronize()
+    sys.exit(1 if failures else 0)
+
+
+def random_int4(n: int, k: int, group: int = 128) -> Int4Weight:
+    """Random 4-bit words and plausible scales (weights within +-0.03): speed does not depend on
+    the values, and the quantizer would take minutes for a whole 7B model."""
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    scales = (torch.rand(n, k // group, device=DEVICE) * 0.002 + 0.003).half()
+    return Int4Weight(packed, scales, (-7.5 * scales.float()).half(), group)
+
+
+def precompile_w4_gemm(configs, ks, half2: bool = True) -> None:
+    """Build the GEMM for each (config, K) in threads, so the timings below do not wait for
+    Triton one kernel at a time (a failure here is only reported: the launch builds it again)."""
+
+    def build(job):
+        (block_n, block_m, warps, stages, programs), k = job
+        x = torch.empty(16, k, device=DEVICE, dtype=torch.float16)
+        weight = random_int4(64, k)
+        out = torch.empty(16, 64, device=DEVICE, dtype=torch.float16)
+        arguments = [x, weight.packed.view(torch.int32), weight.scales, weight.offsets, out]
+        constants = dict(K=k, GROUP=128, BLOCK_N=block_n, BLOCK_M=block_m, HALF2=half2, num_warps=warps,
+                         num_stages=stages, grid=(1,), **kernels._launch_options(DEVICE))  # fmt: skip
+        if programs:
+            shares, flags = torch.empty(1, device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
+            w4_gemm._w4_gemm_stream_k_kernel.warmup(*arguments, shares, flags, 16, 64, INTERPRET=False, **constants)
+        else:
+            w4_gemm._w4_gemm_kernel.warmup(*arguments, 16, 64, **constants)
+
+    started = time.perf_counter()
+    jobs = [(config, k) for config in configs for k in ks]
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        errors = [repr(error)[:200] for error in pool.map(_capture_error(build), jobs) if error]
+    report.setdefault("w4_gemm_precompile", []).append(
+        {"kernels": len(jobs), "seconds": time.perf_counter() - started, "errors": errors[:5]}
+    )
+    print(f"precompiled {len(jobs)} w4_gemm kernels in {time.perf_counter() - started:.1f} s", errors[:2], flush=True)
+
+
+def _capture_error(function):
+    def run(job):
+        try:
+            function(job)
+        except Exception as error:  # noqa: BLE001
+            return error
+        return None
+
+    return run
+
+
+def time_w4_gemm(sweep: bool) -> None:
+    """Microseconds per product at the 7B's four shapes and PREFILL_TOKENS tokens: the 4-bit GEMM
+    at the table's configuration, cuBLAS fp16, and the old 4-bit path (dequantize the matrix
+    into a buffer, then cuBLAS). Four copies of each matrix in turn, so the weights stream from
+    memory as in a prefill (one would sit in the L2 cache). --w4-sweep also times every
+    candidate configuration whose token block suits the count (its best goes to the table)."""
+    copies = 4
+    half = torch.float16
+    table_configs = {config for _, config in w4_gemm.W4_GEMM_TABLE}
+    precompile_w4_gemm(sorted(set(w4_gemm.W4_GEMM_CANDIDATES) | table_configs if sweep else table_configs),
+                       sorted({k for _, k in LLAVA_7B_MATRICES.values()}))  # fmt: skip
+    rows = {}
+    for name, (n, k) in LLAVA_7B_MATRICES.items():
+        torch.manual_seed(2)
+        packed = [random_int4(n, k) for _ in range(copies)]
+        dense = [torch.randn(n, k, device=DEVICE, dtype=half) * 0.02 for _ in range(copies)]
+        scratch = torch.empty(n, k, device=DEVICE, dtype=half)
+        for tokens in PREFILL_TOKENS:
+            x = torch.randn(tokens, k, device=DEVICE, dtype=half)
+            out = torch.empty(tokens, n, device=DEVICE, dtype=half)
+
+            def ours(config=None, x=x, out=out, packed=packed):
+                for weight in packed:
+                    w4_gemm.w4_gemm(x, weight, out, config=config)
+
+            def old(x=x, out=out, packed=packed, scratch=scratch):
+                for weight in packed:
+                    torch.mm(x, kernels.w4_dequantize(weight, scratch).t(), out=out)
+
+            def cublas(x=x, out=out, dense=dense):
+                for weight in dense:
+                    torch.mm(x, weight.t(), out=out)
+
+            row = {
+                "w4_gemm_us": graph_time_us(ours, calls=1, replays=11) / copies,
+                "w4_gemm_config": w4_gemm.w4_gemm_config(tokens),
+                "cublas_fp16_us": graph_time_us(cublas, calls=1, replays=11) / copies,
+                "dequantize_cublas_us": graph_time_us(old, calls=1, replays=11) / copies,
+            }
+            row["w4_gemm_over_cublas"] = row["w4_gemm_us"] / row["cublas_fp16_us"]
+            row["w4_gemm_TFLOPs"] = 2 * tokens * n * k / row["w4_gemm_us"] / 1e6
+            if sweep:
+                bucket = max(16, 1 << (tokens - 1).bit_length())
+                timings = {}
+                for config in w4_gemm.W4_GEMM_CANDIDATES:
+                    if not min(bucket, 256) // 4 <= config[1] <= bucket or (config[4] and tokens < 64):
+                        continue
+                    try:
+                        timings[config] = graph_time_us(lambda config=config: ours(config), calls=1, replays=7) / copies
+                    except Exception as error:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU
+                        timings[config] = float("inf")
+                        print("w4_gemm", config, "failed:", repr(error)[:200], flush=True)
+                ranked = sorted(timings, key=timings.get)
+                row["sweep_us"] = {str(config): round(value, 2) for config, value in timings.items()}
+                row["sweep_top5"] = [(config, round(timings[config], 2)) for config in ranked[:5]]
+                row["sweep_best_over_table"] = timings[ranked[0]] / row["w4_gemm_us"]
+                if tokens == PREFILL_TOKENS[-2]:  # the same for the interpreter's float32 dequantization
+                    row["float32_dequantization_us"] = (
+                        graph_time_us(lambda x=x, out=out, packed=packed: [w4_gemm.w4_gemm(x, w, out, half2=False)
+                                                                           for w in packed], calls=1, replays=7)
+                        / copies
+                    )  # fmt: skip
+            rows[f"{name} {n}x{k} M={tokens}"] = row
+            print("w4_gemm", name, tokens, {key: value for key, value in row.items() if not key.startswith("sweep")},
+                  row.get("sweep_top5", "")[:3], flush=True)  # fmt: skip
+        del packed, dense, scratch
+        torch.cuda.empty_cache()
+    report["w4_gemm_per_matrix_us"] = rows
+    if sweep:
+        table_from_sweep(rows)
+
+
+def table_from_sweep(rows: dict) -> None:
+    """For each swept token count, the configuration with the least time summed over the four
+    matrices (a layer's products); the table in w4_gemm.py is replaced by these in this process,
+    so the prefill timings below run them (copy the printed table into w4_gemm.py)."""
+    table = []
+    bounds = {16: 16, 64: 64, 256: 256, 640: 1024, 2048: 1 << 62}
+    for tokens in PREFILL_TOKENS:
+        sums: dict[str, float] = {}
+        for key, row in rows.items():
+            if key.endswith(f" M={tokens}"):
+                for config, us in row["sweep_us"].items():
+                    sums[config] = sums.get(config, 0.0) + us
+        best = min(sums, key=sums.get)
+        table.append((bounds[tokens], tuple(int(v) for v in best.strip("()").split(","))))
+        report.setdefault("w4_gemm_sweep_layer_us", {})[str(tokens)] = sorted(
+            (round(us, 1), config) for config, us in sums.items()
+        )[:5]
+    w4_gemm.W4_GEMM_TABLE[:] = table
+    report["w4_gemm_table_from_sweep"] = table
+    print("W4_GEMM_TABLE from the sweep:", table, flush=True)
+    for tokens in PREFILL_TOKENS:  # the per-matrix figures at the new table's configurations
+        config = w4_gemm.w4_gemm_config(tokens)
+        for key, row in rows.items():
+            if key.endswith(f" M={tokens}"):
+                row["w4_gemm_table_config"] = config
+                row["w4_gemm_table_us"] = row["sweep_us"][str(config)]
+                row["w4_gemm_table_over_cublas"] = row["w4_gemm_table_us"] / row["cublas_fp16_us"]
+
+
+def synthetic_fast_llama(arch: str, quantize: bool, max_tokens: int = 1024) -> FastLlama:
+    """FastLlama with random weights of a real architecture (bench/archs.py), made directly on
+    the GPU: 4-bit weights as random words (random_int4), the vocabulary int8 as from_hf makes it."""
+    from archs import TEXT_CONFIGS
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**TEXT_CONFIGS[arch], max_position_embeddings=4096, rms_norm_eps=1e-5)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * (hidden // config.num_attention_heads)
+    half = torch.float16
+
+    def linear(n, k):
+        return random_int4(n, k) if quantize else torch.randn(n, k, device=DEVICE, dtype=half) * 0.02
+
+    def vocabulary():
+        table = torch.randn(config.vocab_size, hidden, device=DEVICE, dtype=half) * 0.02
+        return quantize_int8_rows(table) if quantize else table
+
+    def layer():
+        norm = torch.ones(hidden, device=DEVICE, dtype=half)
+        return LayerWeights(norm, linear(qkv_rows, hidden), linear(hidden, hidden), norm.clone(),
+                            linear(2 * intermediate, hidden), linear(hidden, intermediate))  # fmt: skip
+
+    layers = [layer() for _ in range(config.num_hidden_layers)]
+    return FastLlama(config, embed_tokens=vocabulary(), final_norm=torch.ones(hidden, device=DEVICE, dtype=half),
+                     lm_head=vocabulary(), layers=layers, max_tokens=max_tokens, device=DEVICE)  # fmt: skip
+
+
+def measure_prefill(tokens: int = 623, repeats: int = 10) -> dict:
+    """prefill_ms as engine_bench measures it (FastLlama.prefill of a 623-token prompt from an
+    empty cache, host-timed, replayed as a CUDA graph from the second call on; median of
+    `repeats` after warm-up), for the 7B and 2.7B shapes: fp16 weights, 4-bit with the old path
+    (dequantize + cuBLAS) and 4-bit with the GEMM whatever the token count (the default takes
+    the old path above w4_gemm.W4_GEMM_MAX_TOKENS), the 4-bit paths on one model."""
+    results = report.setdefault("prefill_w4", {})
+    for arch in ("llava-1.5-7b", "llava-2.7b"):
+        row = {}
+        for quantize in (False, True):
+            torch.manual_seed(3)
+            lm = synthetic_fast_llama(arch, quantize)
+            lm.capture(tune=False)
+            embeds = torch.randn(tokens, lm.hidden, device=DEVICE, dtype=torch.float16) * 0.02
+
+            def prefill_ms(lm=lm, embeds=embeds) -> float:
+                for _ in range(3):  # the second sighting of the key captures its graph
+                    lm.prefill(embeds, 0)
+                times = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize()
+                    began = time.perf_counter()
+                    lm.prefill(embeds, 0)
+                    times.append((time.perf_counter() - began) * 1000)
+                return statistics.median(times)
+
+            if not quantize:
+                row["fp16_ms"] = prefill_ms()
+            else:
+                row["int4_default_ms"] = prefill_ms()  # the old path at 623 tokens, by the threshold
+                limit = w4_gemm.W4_GEMM_MAX_TOKENS
+                w4_gemm.W4_GEMM_MAX_TOKENS = 1 << 62
+                lm.set_w4_gemm(True)  # drops the graphs captured with the other choice
+                row["int4_w4_gemm_ms"] = prefill_ms()
+                lm.set_w4_gemm(False)
+                row["int4_dequantize_cublas_ms"] = prefill_ms()
+                lm.set_w4_gemm(True)
+                row["int4_w4_gemm_again_ms"] = prefill_ms()  # the run-to-run spread, on the same model
+                w4_gemm.W4_GEMM_MAX_TOKENS = limit
+                row["w4_gemm_disabled"] = lm.w4_gemm_disabled
+                name = f"prefill {arch} int4 ran the 4-bit GEMM (no fallback)"
+                report["checks"][name] = {"ok": not lm.w4_gemm_disabled, "reason": lm.w4_gemm_disabled}
+                print(f"{'ok  ' if not lm.w4_gemm_disabled else 'FAIL'} {name}", flush=True)
+                if lm.w4_gemm_disabled:
+                    failures.append(name)
+                row["graph_replays"] = lm._prefill_graphs.replays
+                row["w4_gemm_table"] = list(w4_gemm.W4_GEMM_TABLE)
+            del lm, embeds, prefill_ms
+            gc.collect()  # the prefill graphs hold the model's body: a cycle
+            torch.cuda.empty_cache()
+        row["prompt_tokens"] = tokens
+        results[arch] = row
+        print("prefill", arch, row, flush=True)
+    return results
 
 
 def measure_gemlite() -> None:
@@ -434,17 +726,42 @@ def graph_free_ms(function, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="time every GEMV launch configuration")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "check-gpu.json"))
+    parser.add_argument("--w4-sweep", action="store_true", help="time every 4-bit GEMM launch configuration")
+    parser.add_argument("--only-w4", action="store_true", help="only the 4-bit GEMM's checks and timings")
+    parser.add_argument("--stream-k-smoke", action="store_true", help="one stream-K check, then exit")
+    results = Path(__file__).resolve().parent / "results"
+    parser.add_argument("--out", default=str(results / "check-gpu.json"))
+    parser.add_argument("--prefill-out", default=str(results / "prefill-w4.json"))
     args = parser.parse_args()
+    if args.stream_k_smoke:
+        stream_k_smoke()
     report["device"] = torch.cuda.get_device_name()
-    check_kernels()
-    check_fast_llama()
-    profile_decode()
-    measure_gemlite()
-    if "--sweep" in sys.argv:
-        measure_gemv_bandwidth()
+    report["stream_k"] = "off (NANOVLM_W4_STREAM_K=0)" if os.environ.get("NANOVLM_W4_STREAM_K") == "0" else "on"
+    report["versions"] = {"torch": torch.__version__, "triton": __import__("triton").__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+
+    def save() -> None:  # after each stage: a run cut off keeps what it measured
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        if "prefill_w4" in report:
+            prefill = {"device": report["device"], **report["versions"], "prefill_ms": report["prefill_w4"],
+                       "per_matrix_us": report.get("w4_gemm_per_matrix_us"), "w4_gemm_table": w4_gemm.W4_GEMM_TABLE,
+                       "checks": {name: value for name, value in report["checks"].items() if name.startswith("w4_gemm ")
+                                  or "4-bit GEMM" in name}}  # fmt: skip
+            Path(args.prefill_out).write_text(json.dumps(prefill, indent=2))
+
+    check_w4_gemm()
+    time_w4_gemm(args.w4_sweep)
+    save()
+    measure_prefill()
+    save()
+    if not args.only_w4:
+        check_kernels()
+        check_fast_llama()
+        profile_decode()
+        measure_gemlite()
+    if args.sweep:
+        measure_gemv_bandwidth()
+    save()
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
     sys.exit(1 if failures else 0)
 

@@ -1,6 +1,11 @@
 """Engine benchmark on the GPU: ours (4-bit, fp16) against plain transformers fp16, same run.
 
     python bench/engine_bench.py [--archs llava-1.5-7b,llava-2.7b] [--quality bench/results/quantization-quality.json]
+                                 [--modes int4,none] [--out-dir DIR]
+
+Modes of ours: int4 (4-bit weights; prefill through the 4-bit GEMM, w4_gemm.py), int4_dequantize
+(the same with the old prefill path, NANOVLM_W4_GEMM=0: each matrix dequantized, then cuBLAS),
+none (fp16 weights).
 
 For each architecture (real shapes, random weights) and mode it measures, batch 1:
   vision_ms       640x480 uint8 RGB frame -> image embeddings (preprocessing included)
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -207,6 +213,7 @@ def bench_ours(model, processor, quantization: str, context: int, repeats: int) 
     result["prefill_graphs"] = {"replays": lm._prefill_graphs.replays, "disabled": lm._prefill_graphs.disabled_reason}
     result["weight_bytes_per_token"] = lm.weight_bytes_per_token()
     result["load_and_capture_s"] = load_s
+    result["w4_gemm_disabled"] = lm.w4_gemm_disabled if lm.quantized else "fp16 weights"
     result["gemv_configs"] = {str(k): v for k, v in lm._gemv_configs.items()}
     result["partial_configs"] = dict(lm._partial_configs)
     engine.close()
@@ -222,6 +229,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="KV cache size of our engine")
     parser.add_argument("--quality", default=str(RESULTS / "quantization-quality.json"))
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--modes", default="int4,none", help="of ours: int4, int4_dequantize, none (fp16)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="engine-<device>.json and .md go here")
     args = parser.parse_args()
     device_name, bandwidth = device_peak_bandwidth()
     results = {
@@ -244,14 +253,21 @@ def main() -> None:
             del model
             gc.collect()
             torch.cuda.empty_cache()
-        for quantization in ("int4", "none"):
+        for mode in args.modes.split(","):
             model, processor = archs.build(name)
-            label = "ours_int4" if quantization == "int4" else "ours_fp16"
+            label = {"int4": "ours_int4", "int4_dequantize": "ours_int4_dequantize", "none": "ours_fp16"}[mode]
+            old_path = mode == "int4_dequantize"
+            if old_path:
+                os.environ["NANOVLM_W4_GEMM"] = "0"  # read when FastLlama is made
             try:
+                quantization = "none" if mode == "none" else "int4"
                 modes[label] = bench_ours(model, processor, quantization, args.context, args.repeats)
             except Exception as error:  # noqa: BLE001 - keep the other modes' figures
                 traceback.print_exc()
                 modes[label] = {"error": repr(error)[:500]}
+            finally:
+                if old_path:
+                    del os.environ["NANOVLM_W4_GEMM"]
             del model
             gc.collect()
             torch.cuda.empty_cache()
@@ -261,7 +277,7 @@ def main() -> None:
                 continue
             mode["bandwidth_fraction"] = mode["weight_bytes_per_token"] * mode["decode_tok_s"] / bandwidth
         baseline = modes.get("baseline_transformers_fp16")
-        if baseline and "error" not in modes["ours_int4"]:
+        if baseline and "error" not in modes.get("ours_int4", {"error": "not run"}):
             modes["speedup_ours_int4_over_baseline"] = {
                 key: (
                     baseline[key] / modes["ours_int4"][key]
@@ -271,20 +287,21 @@ def main() -> None:
                 for key in ("vision_ms", "prefill_ms", "decode_tok_s", "answer_1tok_ms", "answer_3tok_ms")
             }
         results["archs"][name] = modes
-        write_results(results, args.quality)  # after each architecture: a cut-off run keeps what it measured
+        # after each architecture: a cut-off run keeps what it measured
+        write_results(results, args.quality, Path(args.out_dir))
     print(markdown_table(results))
 
 
-def write_results(results: dict, quality_file: str) -> None:
+def write_results(results: dict, quality_file: str, out_dir: Path = RESULTS) -> None:
     quality = Path(quality_file)
     if quality.is_file():
         results["quantization_quality"] = json.loads(quality.read_text())
     device_name = results["device"]
     tag = device_name.split()[1] if len(device_name.split()) > 1 else device_name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"engine-{tag}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"engine-{tag}.json"
     out.write_text(json.dumps(results, indent=2))
-    (RESULTS / f"engine-{tag}.md").write_text(markdown_table(results))
+    (out_dir / f"engine-{tag}.md").write_text(markdown_table(results))
     print(f"wrote {out}", flush=True)
 
 

@@ -5,6 +5,7 @@ an H100 in bench/check_gpu.py at real shapes; speed is measured there, not here.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 triton = pytest.importorskip("triton")
 
-from ros2_nanovlm.engine.cuda import kernels  # noqa: E402
+from ros2_nanovlm.engine.cuda import fast_llama, kernels, w4_gemm  # noqa: E402
 from ros2_nanovlm.engine.cuda.fast_llama import FastLlama  # noqa: E402
 from ros2_nanovlm.engine.quant.int4 import dequantize_int4, quantize_int4  # noqa: E402
 from ros2_nanovlm.engine.quant.int8 import dequantize_int8_rows, quantize_int8_rows  # noqa: E402
@@ -122,6 +123,60 @@ def test_w4_dequantize_matches_the_reference():
     packed = quantize_int4(torch.randn(32, 512))
     out = torch.empty(32, 512, dtype=torch.float16)
     assert relative_error(kernels.w4_dequantize(packed, out), dequantize_int4(packed)) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "tokens, rows, features, group, config",
+    [
+        (37, 80, 384, 128, (32, 16, 4, 1, 0)),  # tokens and rows not multiples of the blocks; 3 groups
+        (5, 64, 192, 64, (64, 16, 4, 2, 0)),  # fewer tokens than a block; groups of 64
+        (50, 96, 512, 128, (64, 32, 4, 3, 0)),  # 4 groups, two blocks of rows, two of tokens
+        (16, 48, 256, 128, None),  # the table's configuration for 16 tokens (64 rows: one masked block)
+        (19, 40, 160, 32, (32, 16, 4, 2, 0)),  # groups of 32 (5 of them)
+        # stream-K: 4, 6 and 2 programs (2 "SMs" here) share 27 steps; tiles cut between 2 or 3 programs
+        (37, 80, 384, 128, (32, 16, 4, 1, 2)),
+        (37, 80, 384, 128, (32, 16, 4, 1, 3)),
+        (37, 80, 384, 128, (32, 16, 4, 1, 1)),
+        (5, 64, 192, 64, (32, 16, 4, 2, 2)),  # 2 tiles, 6 steps, 4 programs
+        (50, 96, 512, 128, (64, 32, 4, 3, 3)),  # 16 steps, 6 programs
+    ],
+)
+def test_w4_gemm_matches_the_float_reference(tokens, rows, features, group, config):
+    """The prefill GEMM (weights dequantized in registers, tl.dot) against dequantize-then-matmul
+    in float32; every output element is written (the output starts as NaN). Stream-K leaves its
+    flags reset and gives the same bits on a second run."""
+    torch.manual_seed(tokens * rows)
+    weight = quantize_int4(torch.randn(rows, features), group)
+    x = torch.randn(tokens, features).half()
+    out = torch.full((tokens, rows), float("nan")).half()
+    result = w4_gemm.w4_gemm(x, weight, out, config=config)
+    assert result is out and not torch.isnan(out).any()
+    assert relative_error(out, x.float() @ dequantize_int4(weight).T) < 2e-3
+    if config and config[4]:
+        assert not w4_gemm._workspaces[torch.device("cpu")][1].any()
+        assert torch.equal(w4_gemm.w4_gemm(x, weight, config=config), out)
+
+
+def test_w4_gemm_refuses_what_it_cannot_run():
+    weight = quantize_int4(torch.randn(16, 512), 256)
+    assert "group size 256" in w4_gemm.w4_gemm_unsupported(weight)
+    with pytest.raises(ValueError, match="group size"):
+        w4_gemm.w4_gemm(torch.randn(3, 512).half(), weight)
+    with pytest.raises(ValueError, match="features"):
+        w4_gemm.w4_gemm(torch.randn(3, 256).half(), quantize_int4(torch.randn(16, 128)))
+
+
+def test_w4_gemm_configurations_fit_the_shared_memory():
+    """Stages, then tokens a block, are dropped until a configuration fits the GPU's shared memory
+    per block (Jetson Orin: 163 KB); the table's configurations all fit an H100/H200 (227 KB)."""
+    for _, config in w4_gemm.W4_GEMM_TABLE:
+        assert w4_gemm.fit_stages(config, 128, 227 * 1024) == config
+        fitted = w4_gemm.fit_stages(config, 128, 163 * 1024)
+        assert (fitted[0], fitted[2], fitted[4]) == (config[0], config[2], config[4])  # rows, warps, programs
+        assert fitted[3] >= 2 and w4_gemm.shared_memory_bound(fitted, 128) <= 163 * 1024
+    assert w4_gemm.fit_stages((128, 256, 8, 3, 1), 128, 99 * 1024) == (128, 128, 8, 2, 1)  # an A10
+    assert w4_gemm.w4_gemm_config(1) == w4_gemm.W4_GEMM_TABLE[0][1]
+    assert w4_gemm.w4_gemm_config(10**6) == w4_gemm.W4_GEMM_TABLE[-1][1]
 
 
 def test_rmsnorm_as_transformers_computes_it():
@@ -301,3 +356,104 @@ def test_fast_llava_from_model_round_trips_the_weights(tiny_llava):
     ids = torch.randint(0, direct.embed_tokens.out_features, (9,))
     with torch.inference_mode():
         assert torch.equal(loaded.prefill_logits(loaded.embed(ids), 0), direct.prefill_logits(direct.embed(ids), 0))
+
+
+def test_fast_llama_prefill_with_the_w4_gemm_equals_the_fallback(tiny_llama, monkeypatch):
+    """4-bit prefill through w4_gemm (the default up to W4_GEMM_MAX_TOKENS tokens), through
+    dequantize + matmul (above it, set_w4_gemm(False) or NANOVLM_W4_GEMM=0), and after w4_gemm
+    fails to build (the fallback, taken once, loudly): the same logits."""
+    ids = torch.randint(0, 512, (23,))
+    with torch.inference_mode():
+        lm = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu")
+        )
+        embeds = lm.embed(ids)
+        assert lm.w4_gemm_disabled == ""
+        with_gemm = lm.prefill_logits(embeds, 0)
+        assert lm._scratch is None  # the fallback's buffer is made only when it is used
+        lm.set_w4_gemm(False)
+        fallback = lm.prefill_logits(embeds, 0)
+        assert lm._scratch is not None
+        assert relative_error(with_gemm, fallback) < 2e-3
+        lm.set_w4_gemm(True)
+        assert torch.equal(lm.prefill_logits(embeds, 0), with_gemm)
+        calls, real = [], fast_llama.w4_gemm
+        monkeypatch.setattr(
+            fast_llama, "w4_gemm", lambda x, *args, **kwargs: calls.append(len(x)) or real(x, *args, **kwargs)
+        )
+        monkeypatch.setattr(w4_gemm, "W4_GEMM_MAX_TOKENS", 16)
+        assert torch.equal(lm.prefill_logits(embeds, 0), fallback) and not calls  # 23 tokens: the old path
+        lm.prefill_logits(embeds[:16], 0)
+        assert calls and set(calls) == {16}
+        monkeypatch.undo()
+
+        monkeypatch.setenv("NANOVLM_W4_GEMM", "0")
+        forced = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu")
+        )
+        assert forced.w4_gemm_disabled == "NANOVLM_W4_GEMM=0"
+        assert torch.equal(forced.prefill_logits(embeds, 0), fallback)
+        monkeypatch.delenv("NANOVLM_W4_GEMM")
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("PTX assembly failed")
+
+        monkeypatch.setattr(fast_llama, "w4_gemm", fails)
+        broken = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=64, quantize=True, device=torch.device("cpu")
+        )
+        assert torch.equal(broken.prefill_logits(embeds, 0), fallback)
+        assert "PTX assembly failed" in broken.w4_gemm_disabled
+
+
+COMPILE_W4_GEMM = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.tools.disasm import get_sass
+from ros2_nanovlm.engine.cuda import w4_gemm
+
+arch, shared_memory = int(sys.argv[1]), int(sys.argv[2])
+report = []
+for config in sorted({config for _, config in w4_gemm.W4_GEMM_TABLE}):
+    block_n, block_m, warps, stages, programs = w4_gemm.fit_stages(config, 128, shared_memory)
+    constants = dict(K=4096, GROUP=128, BLOCK_N=block_n, BLOCK_M=block_m, HALF2=True, PDL=arch >= 90)
+    pointers = {"x_ptr": "*fp16", "words_ptr": "*i32", "scales_ptr": "*fp16", "offsets_ptr": "*fp16",
+                "out_ptr": "*fp16"}
+    if programs:
+        fn = w4_gemm._w4_gemm_stream_k_kernel
+        pointers.update(shares_ptr="*fp32", flags_ptr="*i32")
+        constants["INTERPRET"] = False
+    else:
+        fn = w4_gemm._w4_gemm_kernel
+    signature = dict(pointers, M="i32", N="i32", **dict.fromkeys(constants, "constexpr"))
+    attributes = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
+    source = ASTSource(fn=fn, signature=signature, attrs=attributes,
+                       constexprs={(fn.arg_names.index(name),): value for name, value in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    sass = get_sass(compiled.asm["cubin"])
+    report.append({"config": config, "shared": compiled.metadata.shared, "hgmma": sass.count("HGMMA."),
+                   "hmma": sass.count("HMMA."), "tma": sass.count("UTMALDG")})
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("arch, shared_memory, instruction", [(87, 163 * 1024, "hmma"), (90, 227 * 1024, "hgmma")])
+def test_w4_gemm_compiles_for_jetson_orin_and_hopper(arch, shared_memory, instruction):
+    """Every configuration of the table, with the half2 dequantization (inline PTX, which the
+    interpreter cannot run), assembles for sm_87 (Jetson Orin: mma.sync) and sm_90 (wgmma) with
+    Triton's bundled ptxas, fits the shared memory, and uses no TMA. Numbers: bench/check_gpu.py."""
+    import json
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_W4_GEMM, str(arch), str(shared_memory)],
+                            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for entry in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert entry[instruction] > 0 and entry["tma"] == 0, entry
+        assert entry["shared"] <= shared_memory, entry

@@ -5,9 +5,12 @@ only re-arranges them for speed:
 - the linear layers are 4-bit (W4A16, group 128) or fp16; q/k/v and gate/up are fused; with
   4-bit layers the token embeddings and the LM head are row-wise int8 (quant/int8.py),
 - the KV cache is static, sized once,
-- prefill runs through cuBLAS (4-bit weights are dequantized layer by layer into one scratch
-  buffer) and SDPA; a prefill that repeats (a new frame, the same question) replays a CUDA
-  graph (prefill_graphs.py),
+- prefill runs through SDPA and, for the linear layers, cuBLAS (fp16) or, for 4-bit weights,
+  the 4-bit GEMM of w4_gemm.py (tensor cores, weights dequantized in registers) up to
+  w4_gemm.W4_GEMM_MAX_TOKENS tokens, and above (where it measured slower) or with
+  NANOVLM_W4_GEMM=0 / set_w4_gemm(False) the old path, kept as the fallback: each matrix
+  dequantized into one scratch buffer, then cuBLAS. A prefill that repeats (a new frame, the
+  same question) replays a CUDA graph (prefill_graphs.py),
 - the decode step is captured once as a CUDA graph of seven kernels a layer (RMSNorm, qkv,
   attention with RoPE and the KV write, o, RMSNorm, gate/up with SiLU, down); the o and down
   products reach the residual through the next RMSNorm, in a fixed order, so a step gives the
@@ -17,6 +20,8 @@ only re-arranges them for speed:
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -27,8 +32,12 @@ from ..quant.int4 import Int4Weight, quantize_int4
 from ..quant.int8 import Int8Rows, quantize_int8_rows
 from ..token_mask import DeviceTokenMask
 from . import kernels
+from . import w4_gemm as w4
 from .prefill_graphs import PrefillGraphs
 from .support import unsupported_reason as supports
+from .w4_gemm import w4_gemm, w4_gemm_unsupported
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,13 +74,13 @@ class FastLlama:
         cache_shape = (len(layers), self.n_kv_heads, max_tokens, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=half, device=device)
         self.v_cache = torch.zeros(cache_shape, dtype=half, device=device)
-        # Prefill dequantizes each 4-bit matrix into this one buffer before its GEMM, in row
-        # chunks when it is larger: hidden x max(hidden, intermediate/2) holds o whole and
-        # qkv, gate, up and down in two or three chunks (45 MB for a 7B model, not 100).
-        scratch = self.hidden * max(self.hidden, self.intermediate // 2)
-        self._scratch = torch.empty(scratch, dtype=half, device=device) if self.quantized else None
+        # Prefill multiplies 4-bit matrices with w4_gemm; "" or why not (then each matrix is
+        # dequantized into a scratch buffer, made on first use, and multiplied by cuBLAS).
+        self.w4_gemm_disabled = "NANOVLM_W4_GEMM=0" if os.environ.get("NANOVLM_W4_GEMM", "1") == "0" else ""
+        self._scratch: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._prefill_graphs: PrefillGraphs | None = None  # made by capture(): CUDA only
+        self._warmup_stream: torch.cuda.Stream | None = None
         self.vocab_size = lm_head.out_features if isinstance(lm_head, Int8Rows) else lm_head.shape[0]
         # Read by every token choice, prefill and the captured decode step alike.
         self.token_mask = DeviceTokenMask(self.vocab_size, device)
@@ -197,9 +206,39 @@ class FastLlama:
             return torch.mv(self.lm_head, h)
         return torch.matmul(self.lm_head, h, out=out)
 
+    def set_w4_gemm(self, enabled: bool) -> None:
+        """Prefill 4-bit matrices with w4_gemm (True) or dequantize + cuBLAS (False, the
+        fallback; for comparison). Captured prefill graphs hold the old choice: they are dropped."""
+        self.w4_gemm_disabled = "" if enabled else "set_w4_gemm(False)"
+        if self._prefill_graphs is not None:
+            self._prefill_graphs = PrefillGraphs(self._prefill_body, self.hidden, self.max_tokens, self.device,
+                                                 self._warmup_stream)  # fmt: skip
+
     def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         if not isinstance(weight, Int4Weight):
             return F.linear(x, weight)
+        if self._uses_w4_gemm(x.shape[0], weight):
+            try:
+                return w4_gemm(x, weight)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # a kernel that fails to build (or launch): the old path
+                if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise  # (the warm-up before a capture runs the same shapes: not reached)
+                self.w4_gemm_disabled = f"w4_gemm failed: {error!r}"[:500]
+                _log.warning("%s; 4-bit prefill falls back to dequantize + cuBLAS", self.w4_gemm_disabled)
+        return self._dequantize_and_multiply(x, weight)
+
+    def _uses_w4_gemm(self, tokens: int, weight: Int4Weight) -> bool:
+        return not self.w4_gemm_disabled and tokens <= w4.W4_GEMM_MAX_TOKENS and not w4_gemm_unsupported(weight)
+
+    def _dequantize_and_multiply(self, x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+        """The fallback: the matrix dequantized into the scratch buffer, in row chunks when it is
+        larger, then cuBLAS. hidden x max(hidden, intermediate/2) holds o whole and qkv, gate,
+        up and down in two or three chunks (45 MB for a 7B model, not 100)."""
+        if self._scratch is None:
+            size = self.hidden * max(self.hidden, self.intermediate // 2)
+            self._scratch = torch.empty(size, dtype=torch.float16, device=self.device)
         n, k = weight.out_features, weight.in_features
         chunks = -(-n * k // self._scratch.numel())
         while -(-n // chunks) * k > self._scratch.numel():
@@ -215,7 +254,8 @@ class FastLlama:
         return out
 
     def _gate_and_up(self, h: torch.Tensor, gate_up) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(gate_up, Int4Weight):
+        if isinstance(gate_up, Int4Weight) and not self._uses_w4_gemm(h.shape[0], gate_up):
+            # the fallback's scratch holds half of the fused matrix: one product per half
             half = gate_up.out_features // 2
             return self._linear(h, gate_up.rows(0, half)), self._linear(h, gate_up.rows(half, 2 * half))
         return self._linear(h, gate_up).chunk(2, dim=-1)
@@ -391,10 +431,11 @@ class FastLlama:
                 self._gemv_configs[(weights[0].out_features, weights[0].in_features, gated)] = best
         return {**{str(key): value for key, value in self._gemv_configs.items()}, **self._partial_configs}
 
-    def capture(self) -> float:
-        """Tune (the first time), warm up and capture the decode step; returns the seconds it took."""
+    def capture(self, tune: bool = True) -> float:
+        """Tune (the first time, unless `tune` is False: the default GEMV configuration), warm up
+        and capture the decode step; returns the seconds it took."""
         started = time.perf_counter()
-        if not self._gemv_configs:
+        if tune and not self._gemv_configs:
             self.tune_gemv()
         self._allocate_decode_buffers()
         stream = torch.cuda.Stream()  # warm-ups run here (the prefill graphs' too)
@@ -416,6 +457,7 @@ class FastLlama:
         with torch.cuda.graph(self._choose_graph), torch.inference_mode():
             self._choose_token()
         torch.cuda.synchronize()
+        self._warmup_stream = stream
         self._prefill_graphs = PrefillGraphs(self._prefill_body, self.hidden, self.max_tokens, self.device, stream)
         return time.perf_counter() - started
 
