@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_large_images.xml")
 os.environ["PYTHONUNBUFFERED"] = "1"
+
+
+def _fast_dds_2() -> bool:
+    """Humble's and Jazzy's Fast DDS 2 reads its profile from FASTRTPS_DEFAULT_PROFILES_FILE only
+    (Kilted's Fast DDS 3 reads FASTDDS_DEFAULT_PROFILES_FILE and warns about the old name)."""
+    try:
+        return int(metadata.version("ros-rclpy").split(".")[0]) < 8  # the PyPI wheels: Jazzy is rclpy 7
+    except metadata.PackageNotFoundError:
+        return os.environ.get("ROS_DISTRO") in ("humble", "jazzy")  # a system install
+
+
+if _fast_dds_2():
+    os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -63,6 +63,7 @@ class Client:
     """The test's side: publishers, subscriptions, service and parameter clients of one node."""
 
     def __init__(self, namespace: str):
+        self.namespace = namespace
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("test_client", namespace=namespace, context=self.context)
@@ -114,10 +115,15 @@ class Client:
         return True
 
     def wait_ready(self, camera_topic: str | None = "image") -> None:
-        """Wait for the node's service, parameters and (unless None: a lifecycle node before
-        activation) its camera subscription."""
+        """Wait for the node's service, parameters, its name in the graph and (unless None: a
+        lifecycle node before activation) its camera subscription."""
         assert self.query_client.wait_for_service(timeout_sec=TIMEOUT), "query service never appeared"
         assert self.parameters.wait_for_services(timeout_sec=TIMEOUT)
+        # A service is ready as soon as its endpoints are discovered; the node's name reaches the
+        # graph later (ros_discovery_info), and until then the *_by_node graph queries raise
+        # NodeNameNonExistentError (seen on Jazzy under load).
+        node = ("nanovlm", self.namespace)
+        assert self.spin_until(lambda: node in self.node.get_node_names_and_namespaces()), "node not in the graph"
         if camera_topic is not None:
             assert self.spin_until(lambda: self.node.count_subscribers(camera_topic) > 0)
 
