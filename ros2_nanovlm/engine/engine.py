@@ -23,7 +23,7 @@ from .api import (
     OutOfMemory,
     Turn,
 )
-from .config import MAX_CHARS_PER_TOKEN, EngineConfig
+from .config import MAX_CHARS_PER_TOKEN, EngineConfig, cpu_threads
 from .frames import check_frame
 from .json_output import json_instruction
 
@@ -53,6 +53,9 @@ class VLMEngine:
     @classmethod
     def load(cls, config: EngineConfig) -> VLMEngine:
         config.validate()
+        import torch  # the backends' own dependency; imported here only to size its thread pool
+
+        torch.set_num_threads(cpu_threads(config.cpu_threads))  # process-wide: torch has one pool
         try:
             backend = create_backend(config)
         except EngineError:

@@ -237,6 +237,7 @@ class NodeParts:
             dtype=settings["model.dtype"],
             quantization=settings["model.quantization"],
             max_context_tokens=settings["model.max_context_tokens"],
+            cpu_threads=settings["model.cpu_threads"],
             max_new_tokens=settings["max_new_tokens"],
             max_prompt_tokens=settings["max_prompt_tokens"],
             max_image_pixels=settings["max_image_pixels"],

@@ -68,6 +68,15 @@ SPECS = (
         read_only=True,
     ),
     Spec(
+        "model.cpu_threads",
+        0,
+        "PyTorch threads on the CPU; 0 = half the cores (the executor, DDS and camera drivers need "
+        "the rest: all cores oversubscribe the machine and slow every answer several times)",
+        read_only=True,
+        low=0,
+        high=1024,
+    ),
+    Spec(
         "model.max_context_tokens",
         2048,
         "KV cache size in tokens: image tokens + prompt + answer",
