@@ -71,7 +71,7 @@ class NodeParts:
             rate_hz=self.settings["rate"],
             max_pending_tasks=self.settings["max_pending_requests"],
             max_batch=len(self.cameras),
-            on_error=lambda error: self._log.error(f"frames failed: {error!r}"),
+            on_error=self._frames_failed,
         )
         # Queries and goals wait as suspended coroutines, holding no thread: these threads serve
         # the cameras, parameters, timers and request intake, however many requests wait.
@@ -316,6 +316,8 @@ class NodeParts:
             latency_ms = self._latency_ms(incoming)
             self.stats.answered(incoming.camera, latency_ms)
             outputs = self._outputs.get(incoming.camera)
+            if not self.node.context.ok():
+                return  # Ctrl-C came during the answer: the publishers are gone with the context
             if outputs is not None:  # None once deactivated: the answer is counted, not published
                 annotated = outputs.publish(
                     AnsweredFrame(
@@ -339,6 +341,10 @@ class NodeParts:
             now = self.node.get_clock().now().nanoseconds
             return (now - (stamp.sec * 1_000_000_000 + stamp.nanosec)) / 1e6
         return (time.monotonic() - incoming.received_at) * 1000.0
+
+    def _frames_failed(self, error: BaseException) -> None:
+        if self.node.context.ok():  # after Ctrl-C, publishing fails by design: not an error
+            self._log.error(f"frames failed: {error!r}")
 
     def _report_request_error(self, problem: str) -> None:
         self.stats.error(problem)
