@@ -104,4 +104,7 @@ def generate_launch_description():
 
 def set_fastdds_profile(context):
     profile = context.launch_configurations["fastdds_profile"]
-    return [SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", profile)] if profile else []
+    # Humble's and Jazzy's Fast DDS 2 reads only the old name; Kilted's Fast DDS 3 warns about it.
+    old_name = os.environ.get("ROS_DISTRO") in ("humble", "jazzy")
+    variable = "FASTRTPS_DEFAULT_PROFILES_FILE" if old_name else "FASTDDS_DEFAULT_PROFILES_FILE"
+    return [SetEnvironmentVariable(variable, profile)] if profile else []

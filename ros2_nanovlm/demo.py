@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -54,11 +55,20 @@ def start_node(args, model_path: str) -> subprocess.Popen:
     return subprocess.Popen(command)
 
 
+def _fast_dds_2() -> bool:
+    try:
+        return int(metadata.version("ros-rclpy").split(".")[0]) < 8  # the PyPI wheels: Jazzy is rclpy 7
+    except metadata.PackageNotFoundError:
+        return os.environ.get("ROS_DISTRO") in ("humble", "jazzy")  # a system install
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     # Full-size frames need larger DDS buffers than Fast DDS's defaults (see the profile's comment).
     os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(package_file("config", "fastdds_large_images.xml")))
+    if _fast_dds_2():  # Humble and Jazzy: Fast DDS 2 reads only the old name (Kilted's warns about it)
+        os.environ.setdefault("FASTRTPS_DEFAULT_PROFILES_FILE", os.environ["FASTDDS_DEFAULT_PROFILES_FILE"])
     model_path = args.model
     if not model_path:
         print(f"Building/loading the embedded default model: {DEFAULT_MODEL_DESCRIPTION}.", flush=True)

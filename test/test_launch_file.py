@@ -9,6 +9,7 @@ The node itself is exercised with the same params file in test_node.py.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 import types
@@ -119,7 +120,8 @@ def test_defaults_start_the_installed_node_with_the_params_file(launch_module):
     assert overrides == {}  # empty arguments leave the params file's values alone
     assert ("image", "/camera/image_raw") in node.kwargs["remappings"]
     (env,) = [a for a in actions if isinstance(a, SetEnvironmentVariable)]
-    assert env.args[0] == "FASTDDS_DEFAULT_PROFILES_FILE"
+    jazzy_or_older = os.environ.get("ROS_DISTRO") in ("humble", "jazzy")  # Fast DDS 2 reads the old name
+    assert env.args[0] == ("FASTRTPS_DEFAULT_PROFILES_FILE" if jazzy_or_older else "FASTDDS_DEFAULT_PROFILES_FILE")
 
 
 def test_arguments_override_real_node_parameters(launch_module):

@@ -103,13 +103,13 @@ def load_schema(value: str) -> dict | None:
         return None
     source = "json_schema"
     if not text.startswith("{"):
-        path = Path(text).expanduser()
-        source = f"json_schema file {_cut(str(path))}"
+        source = f"json_schema file {_cut(text)}"
         try:
-            text = path.read_text(encoding="utf-8")
+            text = Path(text).expanduser().read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InvalidInput(f"{source} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
+        # ValueError: a NUL in the path, or not UTF-8; RuntimeError: "~user" with no such home
+        except (OSError, ValueError, RuntimeError) as error:
             raise InvalidInput(f"{source} cannot be read: {_cut(str(error))}") from None
     try:
         schema = json.loads(text)
