@@ -1,5 +1,12 @@
 """FastLlama: batch-1 inference of a Llama-family decoder on CUDA.
 
+Llama-family: Llama (LLaVA, VILA, SmolLM2 of SmolVLM), Qwen2 and Qwen2.5 (qkv bias; Qwen2.5-VL's
+multimodal rotary positions), Qwen3 (q and k RMSNorms per head) and StableLM (Obsidian:
+LayerNorm with bias, rotary on a quarter of each head of 80 dimensions); cuda/support.py says
+which configurations. What varies is read from the transformers modules themselves (a bias is
+there or not, the norm's kind, the rotary table of the model's own rotary module), so a variant
+costs a few optional tensors, not a class.
+
 Weights come from a transformers model (the model definition stays transformers'); this class
 only re-arranges them for speed:
 - the linear layers are 4-bit (W4A16, group 128) or fp16; q/k/v and gate/up are fused; with
@@ -48,12 +55,63 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: Int4Weight | torch.Tensor  # gate rows, then up rows
     down: Int4Weight | torch.Tensor
+    # Present in some families only (None elsewhere):
+    input_norm_bias: torch.Tensor | None = None  # LayerNorm instead of RMSNorm (StableLM)
+    post_norm_bias: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None  # (Hq + 2 Hkv) * D (Qwen2, Qwen2.5)
+    q_norm: torch.Tensor | None = None  # (D,) RMSNorm of each head of q, and of k, before the rotation (Qwen3)
+    k_norm: torch.Tensor | None = None
+
+
+# The optional tensors of LayerWeights, as they are named in state_dict()
+OPTIONAL_LAYER_TENSORS = ("input_norm_bias", "post_norm_bias", "qkv_bias", "q_norm", "k_norm")
+
+
+@dataclass
+class Rotary:
+    """The rotary embedding as the model's own rotary module computes it: `inv_freq` (R/2,)
+    float32 for the first R dimensions of a head (R < D: partial rotary), `attention_scaling`,
+    and `sections` (R/2,) int32: which row of a prompt's position ids each frequency reads
+    (all 0 for plain RoPE; Qwen's multimodal RoPE reads time, height and width rows)."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    sections: torch.Tensor
+
+    @classmethod
+    def of_module(cls, rotary_emb, device) -> Rotary:
+        inv_freq = rotary_emb.inv_freq.float().to(device)
+        return cls(inv_freq, float(rotary_emb.attention_scaling), _frequency_sections(rotary_emb).to(device))
+
+    @classmethod
+    def of_state(cls, state: dict[str, torch.Tensor], config, device) -> Rotary:
+        if "rotary.inv_freq" not in state:  # a 4-bit cache file of a Llama written before these keys
+            inv_freq, scaling = _llama_rotary_parameters(config, device)
+            return cls(inv_freq, scaling, torch.zeros_like(inv_freq, dtype=torch.int32))
+        return cls(
+            state["rotary.inv_freq"].float().to(device),
+            float(state["rotary.attention_scaling"]),
+            state["rotary.sections"].to(device, torch.int32),
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "rotary.inv_freq": self.inv_freq,
+            "rotary.attention_scaling": torch.tensor(self.attention_scaling),
+            "rotary.sections": self.sections,
+        }
+
+    @property
+    def sections_used(self) -> int:
+        return int(self.sections.max()) + 1 if self.sections.numel() else 1
 
 
 class FastLlama:
     def __init__(self, config, *, embed_tokens, final_norm, lm_head, layers: list[LayerWeights],
-                 max_tokens: int, device: torch.device):  # fmt: skip
-        """Prefer from_hf() or from_state(); tensors must already be on `device`."""
+                 max_tokens: int, device: torch.device, rotary: Rotary | None = None,
+                 final_norm_bias: torch.Tensor | None = None):  # fmt: skip
+        """Prefer from_hf() or from_state(); tensors must already be on `device`. Without
+        `rotary`, Llama's rotary embedding of `config`."""
         reason = supports(config)
         if reason:
             raise ValueError(f"FastLlama cannot run this model: {reason}")
@@ -64,10 +122,23 @@ class FastLlama:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.hidden = config.hidden_size
         self.intermediate = config.intermediate_size
-        self.eps = config.rms_norm_eps
+        eps = getattr(config, "rms_norm_eps", None)
+        self.eps = eps if eps is not None else config.layer_norm_eps
         self.max_tokens = max_tokens
-        self.inv_freq, self.attention_scaling = _rotary_parameters(config, device)
+        if rotary is None:
+            inv_freq, scaling = _llama_rotary_parameters(config, device)
+            rotary = Rotary(inv_freq, scaling, torch.zeros_like(inv_freq, dtype=torch.int32))
+        self.rotary = rotary
+        self.inv_freq, self.attention_scaling = rotary.inv_freq, rotary.attention_scaling
+        # The rotary position of every cache slot, one row per section: prefill_logits writes
+        # a prompt's rows (Qwen's 3-D positions, or the slots' own), prefill reads them (graphs
+        # too: the buffer's address is fixed). The decode step rotates by slot + _rope_offset.
+        self._rope_positions = torch.arange(max_tokens, dtype=torch.int32, device=device).repeat(
+            rotary.sections_used, 1
+        )
+        self._rope_offset = torch.zeros(1, dtype=torch.int32, device=device)
         self.embed_tokens, self.final_norm, self.lm_head = embed_tokens, final_norm, lm_head
+        self.final_norm_bias = final_norm_bias
         self.layers = layers
         self.quantized = isinstance(layers[0].qkv, Int4Weight)
         half = torch.float16
@@ -108,6 +179,17 @@ class FastLlama:
         def vocabulary(parameter):
             return quantize_int8_rows(tensor(parameter)) if quantize else tensor(parameter)
 
+        def bias(module):  # a LayerNorm's or a Linear's bias; None where there is none
+            parameter = getattr(module, "bias", None)
+            return None if parameter is None else tensor(parameter)
+
+        def biases(*modules):
+            found = [bias(module) for module in modules]
+            return None if all(each is None for each in found) else torch.cat(found)
+
+        def norm_weight(module):
+            return None if module is None else tensor(module.weight)
+
         layers = []
         for layer in _progress(text_model.layers, progress):
             attention, mlp = layer.self_attn, layer.mlp
@@ -119,20 +201,29 @@ class FastLlama:
                     post_norm=tensor(layer.post_attention_layernorm.weight),
                     gate_up=linear(mlp.gate_proj, mlp.up_proj),
                     down=linear(mlp.down_proj),
+                    input_norm_bias=bias(layer.input_layernorm),
+                    post_norm_bias=bias(layer.post_attention_layernorm),
+                    qkv_bias=biases(attention.q_proj, attention.k_proj, attention.v_proj),
+                    q_norm=norm_weight(getattr(attention, "q_norm", None)),
+                    k_norm=norm_weight(getattr(attention, "k_norm", None)),
                 )
             )
         return cls(
             text_model.config,
             embed_tokens=vocabulary(text_model.embed_tokens.weight),
             final_norm=tensor(text_model.norm.weight),
+            final_norm_bias=bias(text_model.norm),
             lm_head=vocabulary(lm_head.weight),
             layers=layers,
             max_tokens=max_tokens,
             device=device,
+            rotary=Rotary.of_module(text_model.rotary_emb, device),
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"final_norm": self.final_norm}
+        state = {"final_norm": self.final_norm, **self.rotary.state()}
+        if self.final_norm_bias is not None:
+            state["final_norm_bias"] = self.final_norm_bias
         for name in ("embed_tokens", "lm_head"):
             weight = getattr(self, name)
             if isinstance(weight, Int8Rows):
@@ -143,6 +234,9 @@ class FastLlama:
             prefix = f"layers.{index}"
             state[f"{prefix}.input_norm"] = layer.input_norm
             state[f"{prefix}.post_norm"] = layer.post_norm
+            for name in OPTIONAL_LAYER_TENSORS:
+                if getattr(layer, name) is not None:
+                    state[f"{prefix}.{name}"] = getattr(layer, name)
             for name in ("qkv", "o", "gate_up", "down"):
                 weight = getattr(layer, name)
                 if isinstance(weight, Int4Weight):
@@ -169,6 +263,7 @@ class FastLlama:
                 post_norm=state[f"layers.{i}.post_norm"],
                 gate_up=weight(f"layers.{i}.gate_up"),
                 down=weight(f"layers.{i}.down"),
+                **{name: state.get(f"layers.{i}.{name}") for name in OPTIONAL_LAYER_TENSORS},
             )
             for i in range(config.num_hidden_layers)
         ]
@@ -176,10 +271,12 @@ class FastLlama:
             config,
             embed_tokens=vocabulary("embed_tokens"),
             final_norm=state["final_norm"],
+            final_norm_bias=state.get("final_norm_bias"),
             lm_head=vocabulary("lm_head"),
             layers=layers,
             max_tokens=max_tokens,
             device=device,
+            rotary=Rotary.of_state(state, config, device),
         )
 
     def weight_bytes_per_token(self) -> int:
@@ -190,6 +287,9 @@ class FastLlama:
             for weight in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 total += weight.nbytes() if isinstance(weight, Int4Weight) else weight.numel() * 2
             total += (layer.input_norm.numel() + layer.post_norm.numel()) * 2
+            total += sum(
+                getattr(layer, name).numel() * 2 for name in OPTIONAL_LAYER_TENSORS if getattr(layer, name) is not None
+            )
         return total
 
     # ---- prefill --------------------------------------------------------------------------
@@ -260,12 +360,19 @@ class FastLlama:
             return self._linear(h, gate_up.rows(0, half)), self._linear(h, gate_up.rows(half, 2 * half))
         return self._linear(h, gate_up).chunk(2, dim=-1)
 
-    def prefill(self, embeds: torch.Tensor, start: int) -> int:
+    def prefill(self, embeds: torch.Tensor, start: int, positions: torch.Tensor | None = None,
+                layer_additions: dict | None = None) -> int:  # fmt: skip
         """Run positions start..start+L-1 (embeds (L, H)), fill their KV; the next token (greedy,
-        among those the token mask allows)."""
+        among those the token mask allows). positions, layer_additions: see prefill_logits."""
         # A step started ahead read the KV cache this prefill rewrites: its token is stale.
         self._started_ahead = None
-        return int(torch.argmax(self.token_mask.apply(self.prefill_logits(embeds, start))))
+        logits = self.prefill_logits(embeds, start, positions, layer_additions)
+        return int(torch.argmax(self.token_mask.apply(logits)))
+
+    def set_rope_offset(self, offset: int) -> None:
+        """Decode steps rotate the token of cache slot p as position p + offset (Qwen2.5-VL:
+        the text after an image runs behind its slot by rope_deltas); 0 for every other model."""
+        self._rope_offset.fill_(offset)
 
     def set_token_mask(self, words) -> None:
         """The tokens the next choice may take (token_mask.py's layout); None = all. A step
@@ -276,32 +383,50 @@ class FastLlama:
         self.token_mask.set(words)
 
     @torch.inference_mode()
-    def prefill_logits(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits after the last of positions start..start+L-1 (their KV is written)."""
+    def prefill_logits(self, embeds: torch.Tensor, start: int, positions: torch.Tensor | None = None,
+                       layer_additions: dict | None = None) -> torch.Tensor:  # fmt: skip
+        """Logits after the last of positions start..start+L-1 (their KV is written).
+
+        positions: the rotary positions of these tokens, (S, L) integers, one row per rotary
+        section (Qwen's time, height, width; a single row is used for all); by default the
+        slots themselves shifted by the rope offset (set_rope_offset).
+        layer_additions: {layer index: (rows (N,), values (N, H))}: added to those rows of the
+        residual stream after that layer (Qwen3-VL's deepstack image features). Such a prefill
+        runs eagerly (its graph would have to be keyed by the image rows too)."""
         length = embeds.shape[0]
         if start + length > self.max_tokens:
             raise ValueError(f"{start + length} tokens exceed the KV cache of {self.max_tokens}")
+        rows = self._rope_positions[:, start : start + length]
+        if positions is None:
+            rows.copy_(torch.arange(start, start + length, dtype=torch.int32, device=self.device).expand_as(rows))
+            rows += self._rope_offset
+        else:
+            if positions.dim() != 2 or positions.shape[0] not in (1, rows.shape[0]) or positions.shape[1] != length:
+                raise ValueError(f"positions {tuple(positions.shape)} for {length} tokens in {rows.shape[0]} sections")
+            rows.copy_(positions.expand_as(rows))
         x = embeds.to(torch.float16)
-        if self._prefill_graphs is not None:
+        if self._prefill_graphs is not None and not layer_additions:
             return self._prefill_graphs(x, start)
-        return self._prefill_body(x, start, torch.full((1,), length - 1, dtype=torch.long, device=self.device))
+        last_index = torch.full((1,), length - 1, dtype=torch.long, device=self.device)
+        return self._prefill_body(x, start, last_index, layer_additions)
 
-    def _prefill_body(self, x: torch.Tensor, start: int, last_index: torch.Tensor) -> torch.Tensor:
+    def _prefill_body(self, x: torch.Tensor, start: int, last_index: torch.Tensor,
+                      layer_additions: dict | None = None) -> torch.Tensor:  # fmt: skip
         """Positions start..start+L-1 from embeddings x (L, H) fp16; the logits of row
         `last_index` (a GPU tensor, so a CUDA graph can be padded past the real prompt)."""
         length = x.shape[0]
-        positions = torch.arange(start, start + length, device=self.device, dtype=torch.int32)
+        positions = self._rope_positions[:, start : start + length]  # written by prefill_logits
         q = torch.empty(length, self.n_heads, self.head_dim, dtype=torch.float16, device=self.device)
         end = start + length
         mask = None
         if start > 0:  # queries sit at the end of the keys: causal, aligned bottom-right
             mask = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         for index, layer in enumerate(self.layers):
-            h = kernels.rmsnorm(x, layer.input_norm, self.eps)
-            qkv = self._linear(h, layer.qkv)
+            h = kernels.rmsnorm(x, layer.input_norm, self.eps, bias=layer.input_norm_bias)
+            qkv = self._attention_inputs(self._linear(h, layer.qkv), layer)
             kernels.rope_and_cache(
-                qkv, positions, self.inv_freq, self.attention_scaling,
-                self.k_cache[index], self.v_cache[index], q, self.n_heads, self.n_kv_heads,
+                qkv, positions, self.inv_freq, self.attention_scaling, self.k_cache[index], self.v_cache[index],
+                q, self.n_heads, self.n_kv_heads, start=start, sections=self.rotary.sections,
             )  # fmt: skip
             attention = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
@@ -312,11 +437,31 @@ class FastLlama:
                 enable_gqa=self.n_heads != self.n_kv_heads,
             )
             x = x + self._linear(attention[0].transpose(0, 1).reshape(length, -1), layer.o)
-            h = kernels.rmsnorm(x, layer.post_norm, self.eps)
+            h = kernels.rmsnorm(x, layer.post_norm, self.eps, bias=layer.post_norm_bias)
             gate, up = self._gate_and_up(h, layer.gate_up)
             x = x + self._linear(F.silu(gate) * up, layer.down)
-        last = kernels.rmsnorm(x.index_select(0, last_index), self.final_norm, self.eps)
+            if layer_additions and index in layer_additions:
+                rows, values = layer_additions[index]
+                x[rows] = x[rows] + values.to(x.dtype)
+        last = kernels.rmsnorm(x.index_select(0, last_index), self.final_norm, self.eps, bias=self.final_norm_bias)
         return self._logits_of(last[0])
+
+    def _attention_inputs(self, qkv: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        """The fused q, k, v rows (M, (Hq + 2 Hkv) D) with the family's extras applied in place:
+        the qkv bias (Qwen2), then an RMSNorm over each head of q and of k (Qwen3)."""
+        if layer.qkv_bias is not None:
+            qkv += layer.qkv_bias
+        if layer.q_norm is not None:
+            rows, d = qkv.shape[0] if qkv.dim() == 2 else 1, self.head_dim
+            q_width, k_width = self.n_heads * d, self.n_kv_heads * d
+            flat = qkv.view(rows, -1)
+            for offset, width, weight in ((0, q_width, layer.q_norm), (q_width, k_width, layer.k_norm)):
+                heads = flat[:, offset : offset + width]
+                if rows == 1:  # one token (decode): a contiguous block, normalised in place
+                    kernels.rmsnorm(heads.view(-1, d), weight, self.eps, out=heads.view(-1, d))
+                else:
+                    heads.copy_(kernels.rmsnorm(heads.reshape(-1, d), weight, self.eps).view(rows, width))
+        return qkv
 
     # ---- decode ---------------------------------------------------------------------------
 
@@ -360,17 +505,17 @@ class FastLlama:
         kernels.embed_token(self._token, self.embed_tokens, out=x)
         down = None
         for index, layer in enumerate(self.layers):
-            h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h, partials=down)
-            qkv = self._gemv(h, layer.qkv, self._qkv)
+            h = kernels.rmsnorm(x, layer.input_norm, self.eps, out=self._h, partials=down, bias=layer.input_norm_bias)
+            qkv = self._attention_inputs(self._gemv(h, layer.qkv, self._qkv), layer)
             kernels.decode_rope_attention(
                 qkv, self._position, self.inv_freq, self.attention_scaling, self.k_cache[index], self.v_cache[index],
-                self._length, self._attention, self.n_heads, self._attention_workspace,
+                self._length, self._attention, self.n_heads, self._attention_workspace, rope_offset=self._rope_offset,
             )  # fmt: skip
             o = self._gemv_partials(self._attention.view(-1), layer.o, "o")
-            h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h, partials=o)
+            h = kernels.rmsnorm(x, layer.post_norm, self.eps, out=self._h, partials=o, bias=layer.post_norm_bias)
             act = self._gemv(h, layer.gate_up, self._act, gated=True)
             down = self._gemv_partials(act, layer.down, "down")
-        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h, partials=down)
+        last = kernels.rmsnorm(x, self.final_norm, self.eps, out=self._h, partials=down, bias=self.final_norm_bias)
         self._logits_of(last, out=self._logits)
 
     def _allocate_decode_buffers(self) -> None:
@@ -537,12 +682,25 @@ def graph_time_us(function, calls: int = 50, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _rotary_parameters(config, device) -> tuple[torch.Tensor, float]:
+def _llama_rotary_parameters(config, device) -> tuple[torch.Tensor, float]:
     """inv_freq and attention scaling exactly as transformers computes them (RoPE scaling too)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     rotary = LlamaRotaryEmbedding(config)
     return rotary.inv_freq.float().to(device), float(rotary.attention_scaling)
+
+
+def _frequency_sections(rotary_emb) -> torch.Tensor:
+    """Which row of the position ids each frequency reads, asked of the module itself: Qwen's
+    multimodal rotary modules recombine per-section frequency tables (recomposition_frequencies;
+    Qwen2.5-VL in contiguous blocks, Qwen3-VL interleaved), so feeding them a table whose row s
+    holds s gives the section of every frequency. Plain rotary modules: all 0."""
+    frequencies = rotary_emb.inv_freq.numel()
+    recompose = getattr(rotary_emb, "recomposition_frequencies", None)
+    if recompose is None:
+        return torch.zeros(frequencies, dtype=torch.int32)
+    rows = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 1, frequencies).clone()
+    return recompose(rows)[0, 0, :frequencies].round().to(torch.int32).cpu()
 
 
 def _progress(iterable, progress):

@@ -537,13 +537,15 @@ RMSNORM_WARPS = 4
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr):  # fmt: skip
+def _norm_kernel(x_ptr, partials_ptr, weight_ptr, bias_ptr, out_ptr, H, eps, SPLITS: tl.constexpr,
+                 BLOCK: tl.constexpr, LAYER_NORM: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     _let_next_kernel_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # never written by a kernel
+    if LAYER_NORM:
+        b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     _wait_for_previous_kernels(PDL)
     x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0)
     if SPLITS > 0:  # the residual stream takes the GEMV's shares, in a fixed order, and stays fp16
@@ -553,25 +555,32 @@ def _rmsnorm_kernel(x_ptr, partials_ptr, weight_ptr, out_ptr, H, eps, SPLITS: tl
         x = total.to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + row * H + cols, x, mask=mask)
     x = x.to(tl.float32)
-    variance = tl.sum(x * x, 0) / H
-    # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
-    y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+    if LAYER_NORM:
+        # torch's LayerNorm (StableLM): mean and variance in float32, scaled and shifted there too.
+        centred = tl.where(mask, x - tl.sum(x, 0) / H, 0.0)
+        variance = tl.sum(centred * centred, 0) / H
+        y = centred * tl.rsqrt(variance + eps) * w + b
+    else:
+        variance = tl.sum(x * x, 0) / H
+        # transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
+        y = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32) * w
     tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None,
-            partials: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            partials: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """x (M, H) or (H,) -> same shape. partials (S, H) float32 (one row x only): first
-    x += sum of the partials, in place."""
+    x += sum of the partials, in place. With `bias`, LayerNorm (weight and bias) instead of
+    RMSNorm."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     if partials is not None and (rows != 1 or partials.dim() != 2 or partials.shape[1] != hidden):
         raise ValueError(f"partials (S, {hidden}) are added to one row")
     out = torch.empty_like(x) if out is None else out
     splits = 0 if partials is None else partials.shape[0]
-    _rmsnorm_kernel[(rows,)](x, partials if partials is not None else x, weight, out, hidden, eps,
-                             SPLITS=splits, BLOCK=triton.next_power_of_2(hidden), num_warps=RMSNORM_WARPS,
-                             **_launch_options(x.device))  # fmt: skip
+    _norm_kernel[(rows,)](x, partials if partials is not None else x, weight, bias if bias is not None else weight,
+                          out, hidden, eps, SPLITS=splits, BLOCK=triton.next_power_of_2(hidden),
+                          LAYER_NORM=bias is not None, num_warps=RMSNORM_WARPS, **_launch_options(x.device))  # fmt: skip
     return out
 
 
@@ -580,40 +589,41 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 
 @triton.jit
 def _rope_kv_kernel(
-    qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, inv_freq_ptr,
-    attention_scaling, max_tokens,
-    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
+    qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, positions_stride, sections_ptr, inv_freq_ptr,
+    attention_scaling, max_tokens, start,
+    N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, SLOT_FROM_POSITION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head) of the fused qkv row: rotate q and k (rotate-half
-    convention, as transformers' Llama), write q to q_out and k, v into the cache at the token's
-    position."""
+    convention over the first ROTARY_DIM dimensions, as transformers' Llama, Qwen and StableLM),
+    write q to q_out and k, v into the cache at slot start + token (or at the token's position).
+
+    Each frequency takes its position from one row of positions (S, L): row sections[f]. One
+    row for plain RoPE; Qwen's multimodal RoPE has three (time, height, width)."""
     token = tl.program_id(0)
     head = tl.program_id(1)
     _start_after_previous_kernels(PDL)
-    position = tl.load(positions_ptr + token)
-    half = tl.arange(0, HEAD_DIM // 2)
-    angle = position.to(tl.float32) * tl.load(inv_freq_ptr + half)
+    dims = tl.arange(0, HEAD_P2)  # HEAD_DIM rounded up to a power of two (StableLM's is 80)
+    frequency = dims % (ROTARY_DIM // 2)
+    section = tl.load(sections_ptr + frequency)
+    position = tl.load(positions_ptr + section * positions_stride + token)
+    angle = position.to(tl.float32) * tl.load(inv_freq_ptr + frequency)
     cos = tl.cos(angle) * attention_scaling
     sin = tl.sin(angle) * attention_scaling
+    in_head = dims < HEAD_DIM
     row = qkv_ptr + token * (N_Q_HEADS + 2 * N_KV_HEADS) * HEAD_DIM
     if head < N_Q_HEADS:
-        src = row + head * HEAD_DIM
-        x1 = tl.load(src + half).to(tl.float32)
-        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+        rotated = _rotate(row + head * HEAD_DIM, dims, cos, sin, ROTARY_DIM, HEAD_DIM)
         dst = q_out_ptr + (token * N_Q_HEADS + head) * HEAD_DIM
-        tl.store(dst + half, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty))
-        tl.store(dst + HEAD_DIM // 2 + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty))
+        tl.store(dst + dims, rotated.to(q_out_ptr.dtype.element_ty), mask=in_head)
     else:
         kv_head = head - N_Q_HEADS
-        src = row + (N_Q_HEADS + kv_head) * HEAD_DIM
-        x1 = tl.load(src + half).to(tl.float32)
-        x2 = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
-        slot = (kv_head * max_tokens + position) * HEAD_DIM
-        tl.store(k_cache_ptr + slot + half, (x1 * cos - x2 * sin).to(k_cache_ptr.dtype.element_ty))
-        tl.store(k_cache_ptr + slot + HEAD_DIM // 2 + half, (x2 * cos + x1 * sin).to(k_cache_ptr.dtype.element_ty))
+        rotated = _rotate(row + (N_Q_HEADS + kv_head) * HEAD_DIM, dims, cos, sin, ROTARY_DIM, HEAD_DIM)
+        slot_index = tl.load(positions_ptr + token) if SLOT_FROM_POSITION else start + token
+        slot = (kv_head * max_tokens + slot_index) * HEAD_DIM
+        tl.store(k_cache_ptr + slot + dims, rotated.to(k_cache_ptr.dtype.element_ty), mask=in_head)
         v_src = row + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM
-        full = tl.arange(0, HEAD_DIM)
-        tl.store(v_cache_ptr + slot + full, tl.load(v_src + full))
+        tl.store(v_cache_ptr + slot + dims, tl.load(v_src + dims, mask=in_head), mask=in_head)
 
 
 def rope_and_cache(
@@ -626,13 +636,26 @@ def rope_and_cache(
     q_out: torch.Tensor,
     n_q_heads: int,
     n_kv_heads: int,
+    *,
+    start: int | None = None,
+    sections: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """qkv (M, (Hq + 2 Hkv) D) -> rotated q (M, Hq, D); k, v written to caches (Hkv, T, D)."""
+    """qkv (M, (Hq + 2 Hkv) D) -> rotated q (M, Hq, D); k, v written to caches (Hkv, T, D).
+
+    positions: int32 (M,), or (S, M) with a row per section (a view with any row stride);
+    sections: int32 (R/2,), the row of each frequency (default all 0); R = 2 * inv_freq's
+    length, the rotated dimensions (D, or fewer: partial rotary). k and v go to cache slots
+    start..start+M-1, or, without `start`, to slot positions[0][i]."""
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
+    rows = positions if positions.dim() == 2 else positions[None]
+    if sections is None:
+        sections = torch.zeros(inv_freq.numel(), dtype=torch.int32, device=qkv.device)
     _rope_kv_kernel[(tokens, n_q_heads + n_kv_heads)](
-        qkv, q_out, k_cache, v_cache, positions, inv_freq, attention_scaling, k_cache.shape[1],
-        N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, **_launch_options(qkv.device),
+        qkv, q_out, k_cache, v_cache, rows, rows.stride(0), sections, inv_freq, attention_scaling, k_cache.shape[1],
+        start or 0, N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim,
+        HEAD_P2=triton.next_power_of_2(head_dim), ROTARY_DIM=2 * inv_freq.numel(),
+        SLOT_FROM_POSITION=start is None, **_launch_options(qkv.device),
     )  # fmt: skip
     return q_out
 
@@ -650,51 +673,62 @@ ATTENTION_WARPS = 1
 
 
 @triton.jit
-def _rotate(row_ptr, dims, cos, sin, HEAD_DIM: tl.constexpr):
-    """Rotary embedding of one head (rotate-half convention, as transformers' Llama), float32."""
-    half: tl.constexpr = HEAD_DIM // 2
-    partner = tl.load(row_ptr + (dims + half) % HEAD_DIM).to(tl.float32)
-    return tl.load(row_ptr + dims).to(tl.float32) * cos + tl.where(dims < half, -partner, partner) * sin
+def _rotate(row_ptr, dims, cos, sin, ROTARY_DIM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotary embedding of one head, float32: the rotate-half convention over its first
+    ROTARY_DIM dimensions (all of them but for StableLM's partial rotary), the rest unchanged;
+    `dims` may run past HEAD_DIM (a power-of-two range), those lanes are 0."""
+    half: tl.constexpr = ROTARY_DIM // 2
+    in_head = dims < HEAD_DIM
+    rotary = dims < ROTARY_DIM
+    x = tl.load(row_ptr + dims, mask=in_head, other=0.0).to(tl.float32)
+    partner = tl.load(row_ptr + (dims + half) % ROTARY_DIM, mask=rotary, other=0.0).to(tl.float32)
+    return tl.where(rotary, x * cos + tl.where(dims < half, -partner, partner) * sin, x)
 
 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, partial_ptr, stats_ptr, counter_ptr, out_ptr, length_ptr, sm_scale,
-    position_ptr, inv_freq_ptr, attention_scaling,
+    position_ptr, rope_offset_ptr, inv_freq_ptr, attention_scaling,
     MAX_TOKENS: tl.constexpr, SPLITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, ROPE_FROM_QKV: tl.constexpr, N_Q_HEADS: tl.constexpr,
-    N_KV_HEADS: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROPE_FROM_QKV: tl.constexpr, N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """ROPE_FROM_QKV: q_ptr is the fused qkv row of the new token at position_ptr: q and k are
     rotated here, and the program whose slice holds the position writes k and v into the cache
-    before reading its slice (the rotary kernel of the prefill, folded in: one launch fewer)."""
+    before reading its slice (the rotary kernel of the prefill, folded in: one launch fewer).
+    The rotation's angle is that of position + rope_offset (Qwen's text after an image runs
+    behind its cache slot: rope_deltas); the cache slot is the position."""
     _start_after_previous_kernels(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     kv_head = head // GROUP_SIZE
     length = tl.load(length_ptr)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_P2)  # HEAD_DIM rounded up to a power of two; the lanes past it are masked
+    in_head = dims < HEAD_DIM
     base = kv_head * MAX_TOKENS * HEAD_DIM
     SPLIT_LEN: tl.constexpr = (MAX_TOKENS + SPLITS - 1) // SPLITS
     first = split * SPLIT_LEN
     if ROPE_FROM_QKV:
         position = tl.load(position_ptr)
-        angle = position.to(tl.float32) * tl.load(inv_freq_ptr + dims % (HEAD_DIM // 2))
+        rope_position = position + tl.load(rope_offset_ptr)
+        angle = rope_position.to(tl.float32) * tl.load(inv_freq_ptr + dims % (ROTARY_DIM // 2))
         cos = tl.cos(angle) * attention_scaling
         sin = tl.sin(angle) * attention_scaling
         # q is rounded to fp16 as the separate rotary kernel stores it
-        q = _rotate(q_ptr + head * HEAD_DIM, dims, cos, sin, HEAD_DIM).to(tl.float16).to(tl.float32) * sm_scale
+        q = _rotate(q_ptr + head * HEAD_DIM, dims, cos, sin, ROTARY_DIM, HEAD_DIM)
+        q = q.to(tl.float16).to(tl.float32) * sm_scale
         if position // SPLIT_LEN == split:
-            k_new = _rotate(q_ptr + (N_Q_HEADS + kv_head) * HEAD_DIM, dims, cos, sin, HEAD_DIM)
-            tl.store(k_cache_ptr + base + position * HEAD_DIM + dims, k_new.to(k_cache_ptr.dtype.element_ty))
-            v_new = tl.load(q_ptr + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM + dims)
-            tl.store(v_cache_ptr + base + position * HEAD_DIM + dims, v_new)
+            k_new = _rotate(q_ptr + (N_Q_HEADS + kv_head) * HEAD_DIM, dims, cos, sin, ROTARY_DIM, HEAD_DIM)
+            slot = k_cache_ptr + base + position * HEAD_DIM + dims
+            tl.store(slot, k_new.to(k_cache_ptr.dtype.element_ty), mask=in_head)
+            v_new = tl.load(q_ptr + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM + dims, mask=in_head)
+            tl.store(v_cache_ptr + base + position * HEAD_DIM + dims, v_new, mask=in_head)
             tl.debug_barrier()  # the slice below reads them back
     else:
-        q = tl.load(q_ptr + head * HEAD_DIM + dims).to(tl.float32) * sm_scale
+        q = tl.load(q_ptr + head * HEAD_DIM + dims, mask=in_head, other=0.0).to(tl.float32) * sm_scale
     running_max = tl.full((), -float("inf"), tl.float32)
     running_sum = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    acc = tl.zeros((HEAD_P2,), dtype=tl.float32)
     # Static trip count: one compiled kernel and one captured graph serve every length; blocks
     # past `length` are skipped without touching memory.
     for offset in range(0, SPLIT_LEN, BLOCK_T):
@@ -703,8 +737,9 @@ def _decode_attention_kernel(
             t = start + tl.arange(0, BLOCK_T)
             mask = (t < length) & (t < first + SPLIT_LEN)
             offsets = base + t[:, None] * HEAD_DIM + dims[None, :]
-            k = tl.load(k_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + offsets, mask=mask[:, None], other=0.0).to(tl.float32)
+            both = mask[:, None] & in_head[None, :]
+            k = tl.load(k_cache_ptr + offsets, mask=both, other=0.0).to(tl.float32)
+            v = tl.load(v_cache_ptr + offsets, mask=both, other=0.0).to(tl.float32)
             scores = tl.where(mask, tl.sum(k * q[None, :], 1), -float("inf"))
             new_max = tl.maximum(running_max, tl.max(scores, 0))
             correction = tl.exp(running_max - new_max)
@@ -713,7 +748,7 @@ def _decode_attention_kernel(
             running_sum = running_sum * correction + tl.sum(p, 0)
             running_max = new_max
     slot = head * SPLITS + split
-    tl.store(partial_ptr + slot * HEAD_DIM + dims, acc)
+    tl.store(partial_ptr + slot * HEAD_P2 + dims, acc)
     tl.store(stats_ptr + slot * 2, running_max)
     tl.store(stats_ptr + slot * 2 + 1, running_sum)
     tl.debug_barrier()  # every thread's stores precede the release below
@@ -724,16 +759,17 @@ def _decode_attention_kernel(
         sums = tl.load(stats_ptr + slots * 2 + 1, cache_modifier=".cg")
         overall = tl.max(maxima, 0)  # split 0 always holds the first key, so this is finite
         weights = tl.exp(maxima - overall)  # empty splits: exp(-inf) = 0
-        partial = tl.load(partial_ptr + slots[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")
+        partial = tl.load(partial_ptr + slots[:, None] * HEAD_P2 + dims[None, :], cache_modifier=".cg")
         out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights * sums, 0)
-        tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=in_head)
         tl.store(counter_ptr + head, 0)  # ready for the next call
 
 
 def attention_workspace(n_heads: int, head_dim: int, max_tokens: int, device, split_size: int = SPLIT_SIZE):
     """Per-slice partial outputs and softmax statistics, and the per-head counters (zeros)."""
     splits = triton.next_power_of_2(max(1, max_tokens // split_size) + 1) // 2  # a power of two
-    return (torch.zeros(n_heads, splits, head_dim, dtype=torch.float32, device=device),
+    padded = triton.next_power_of_2(head_dim)
+    return (torch.zeros(n_heads, splits, padded, dtype=torch.float32, device=device),
             torch.zeros(n_heads, splits, 2, dtype=torch.float32, device=device),
             torch.zeros(n_heads, dtype=torch.int32, device=device))  # fmt: skip
 
@@ -755,10 +791,14 @@ def decode_rope_attention(
     qkv: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float,
     k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor, out: torch.Tensor, n_q_heads: int,
     workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, num_warps: int = ATTENTION_WARPS,
+    rope_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """rope_and_cache then decode_attention in one kernel: qkv ((Hq + 2 Hkv) D,) of the token at
-    `position` (int32 device tensor (1,)); its k, v go into the caches; -> out (Hq, D)."""
-    rope = (position, inv_freq, attention_scaling)
+    `position` (int32 device tensor (1,)); its k, v go into the caches; -> out (Hq, D).
+    rope_offset (int32 device tensor (1,)): the rotation is that of position + offset."""
+    if rope_offset is None:
+        rope_offset = torch.zeros(1, dtype=torch.int32, device=qkv.device)
+    rope = (position, rope_offset, inv_freq, attention_scaling)
     return _launch_decode_attention(qkv, n_q_heads, k_cache, v_cache, length, out, workspace, num_warps, rope)
 
 
@@ -766,10 +806,11 @@ def _launch_decode_attention(q, n_heads, k_cache, v_cache, length, out, workspac
     n_kv_heads, max_tokens, head_dim = k_cache.shape
     partial, stats, counters = workspace or attention_workspace(n_heads, head_dim, max_tokens, q.device)
     splits = partial.shape[1]
-    position, inv_freq, attention_scaling = rope or (length, length, 1.0)  # unused without rope
+    position, rope_offset, inv_freq, attention_scaling = rope or (length, length, length, 1.0)  # unused without rope
     _decode_attention_kernel[(n_heads, splits)](
-        q, k_cache, v_cache, partial, stats, counters, out, length, head_dim**-0.5, position, inv_freq, attention_scaling,
-        MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // n_kv_heads, HEAD_DIM=head_dim,
+        q, k_cache, v_cache, partial, stats, counters, out, length, head_dim**-0.5, position, rope_offset, inv_freq,
+        attention_scaling, MAX_TOKENS=max_tokens, SPLITS=splits, GROUP_SIZE=n_heads // n_kv_heads, HEAD_DIM=head_dim,
+        HEAD_P2=triton.next_power_of_2(head_dim), ROTARY_DIM=2 * inv_freq.numel() if rope else head_dim,
         BLOCK_T=min(64, triton.next_power_of_2(triton.cdiv(max_tokens, splits))), ROPE_FROM_QKV=rope is not None,
         N_Q_HEADS=n_heads, N_KV_HEADS=n_kv_heads, num_warps=num_warps, **_launch_options(q.device),
     )  # fmt: skip

@@ -18,6 +18,8 @@ attention, a prefix-LM), so they run through their own processor and model class
 (hf/processor_runner.py). Such a module has:
     MODEL_TYPE, MODEL_CLASS, PROCESSOR_CLASS   config.json's model_type; transformers class names
     MULTIPLE_IMAGES                            whether a conversation may hold several images
+    FAST_LANGUAGE_MODEL                        optional: True when the GPU fast path may run its language
+                                               model (cuda/processor_fast.py; Gemma and PaliGemma: no)
     CHAT_TEMPLATE                              the published template (used where a directory has none)
     CUDA_DTYPE                                 optional: what `dtype: auto` gives on a GPU (else float16)
     recognise(path) -> bool                    from config.json's model_type

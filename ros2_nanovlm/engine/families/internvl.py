@@ -28,6 +28,8 @@ MODEL_TYPE = "internvl"
 MODEL_CLASS = "InternVLForConditionalGeneration"
 PROCESSOR_CLASS = "InternVLProcessor"
 MULTIPLE_IMAGES = True
+# Its language model runs on the GPU fast path (cuda/processor_fast.py) where cuda/support.py allows.
+FAST_LANGUAGE_MODEL = True
 
 # The template transformers' conversion script writes into the -hf checkpoints
 # (models/internvl/convert_internvl_weights_to_hf.py, `chat_template`).

@@ -32,6 +32,8 @@ MODEL_TYPE = "qwen2_5_vl"
 MODEL_CLASS = "Qwen2_5_VLForConditionalGeneration"
 PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
 MULTIPLE_IMAGES = True
+# Its language model runs on the GPU fast path (cuda/processor_fast.py) where cuda/support.py allows.
+FAST_LANGUAGE_MODEL = True
 
 # Qwen/Qwen2.5-VL-7B-Instruct, chat_template.json (the same as Qwen2-VL's).
 CHAT_TEMPLATE = (

@@ -33,6 +33,8 @@ MODEL_TYPE = "qwen3_vl"
 MODEL_CLASS = "Qwen3VLForConditionalGeneration"
 PROCESSOR_CLASS = "Qwen3VLProcessor"
 MULTIPLE_IMAGES = True
+# Its language model runs on the GPU fast path (cuda/processor_fast.py) where cuda/support.py allows.
+FAST_LANGUAGE_MODEL = True
 
 # Qwen/Qwen3-VL-*-Instruct, chat_template.json (tool calls included; nanovlm sends none).
 CHAT_TEMPLATE = r"""{%- if tools %}

@@ -33,6 +33,8 @@ MODEL_TYPE = "smolvlm"
 MODEL_CLASS = "SmolVLMForConditionalGeneration"
 PROCESSOR_CLASS = "SmolVLMProcessor"
 MULTIPLE_IMAGES = True
+# Its language model runs on the GPU fast path (cuda/processor_fast.py) where cuda/support.py allows.
+FAST_LANGUAGE_MODEL = True
 
 # HuggingFaceTB/SmolVLM2-2.2B-Instruct, chat_template.json (image and text parts; its video part
 # writes <video>, which nanovlm never sends).

@@ -15,6 +15,10 @@ of that the model's own business.
 - Decode step: one token, with that cache; the model keeps its own positions (Qwen's rope_deltas
   from the prefill; the others count the cache) and attends causally.
 
+On a GPU, the families with FAST_LANGUAGE_MODEL (Qwen2.5-VL, Qwen3-VL, SmolVLM2, InternVL) run
+their language model on FastLlama instead (4-bit weights, CUDA-graph decode steps): the model's
+forward still prepares its inputs, up to the language model (cuda/processor_fast.py).
+
 Left out, on purpose, for these families (every Answer says reused_tokens 0 and
 image_cache_hit False):
 - Prefix reuse. The KV of a prefix is reusable only where the prefix's positions and attention
@@ -261,29 +265,64 @@ class ProcessorBackend(Backend):
     docstring for what it leaves out). One request at a time (the engine serialises calls)."""
 
     def __init__(self, config: EngineConfig, family: ModuleType):
+        self._start(config, family, Path(config.model_path).expanduser().resolve().name)
+        read_model_config(config.model_path)  # the path's errors, worded as for every model
+        model, processor = family.load(config.model_path, dtype=self._dtype)
+        self._use_model(model, processor, config)
+
+    @classmethod
+    def from_model(cls, model, processor, family: ModuleType, config: EngineConfig, name: str = "in-memory"):
+        """A backend around a family's transformers model already in memory (benchmarks); on a
+        GPU its language model moves into FastLlama and leaves `model`."""
+        backend = cls.__new__(cls)
+        backend._start(config, family, name)
+        backend._use_model(model, processor, config)
+        return backend
+
+    def _start(self, config: EngineConfig, family: ModuleType, name: str) -> None:
         self._device = resolve_device(config.device)
         self._dtype = family_dtype(config.dtype, self._device, family)
-        self._name = Path(config.model_path).expanduser().resolve().name
+        self._name = name
         self.family = family
-        read_model_config(config.model_path)  # the path's errors, worded as for every model
-        if config.quantization == "int4":
-            raise ModelLoadError(
-                f"4-bit weights are not available for '{config.model_path}': "
-                f"the GPU fast path runs LLaVA's Llama models, not {family.MODEL_TYPE}"
-            )
-        self.quantization = "none"
-        model, processor = family.load(config.model_path, dtype=self._dtype)
-        self.model = model.to(self._device).eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
         self.default_system_prompt = ""
-        text_config = self.model.config.get_text_config()
+        self._grammars = None
+
+    def _use_model(self, model, processor, config: EngineConfig) -> None:
+        text_config = model.config.get_text_config()
         max_positions = getattr(text_config, "max_position_embeddings", None) or config.max_context_tokens
         self.max_context = min(config.max_context_tokens, max_positions)
-        self.lm = ProcessorRunner(self.model)
-        self.prompter = ProcessorPrompter(processor, family, self._device, self._dtype)
+        fast_reason = self._fast_path_reason(self.family, text_config)
+        if config.quantization == "int4" and fast_reason:
+            raise ModelLoadError(f"4-bit weights are not available for '{config.model_path}': {fast_reason}")
+        if fast_reason:
+            self.quantization = "none"
+            self.model = model.to(self._device, self._dtype).eval()
+            self.lm = ProcessorRunner(self.model)
+        else:  # the language model moves into FastLlama (cuda/processor_fast.py)
+            from ..cuda.processor_fast import FastProcessorRunner, move_language_model
+
+            self.quantization = "none" if config.quantization == "none" else "int4"
+            self._dtype = torch.float16
+            self.model = model.eval()
+            lm = move_language_model(
+                self.model, self._device, quantize=self.quantization == "int4", max_tokens=self.max_context
+            )
+            lm.capture()
+            self.lm = FastProcessorRunner(self.model, lm)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompter = ProcessorPrompter(processor, self.family, self._device, self._dtype)
         self.eos_ids = _eos_token_ids(self.model, self.tokenizer)
-        self._grammars = None
+
+    def _fast_path_reason(self, family: ModuleType, text_config) -> str:
+        """ "" when FastLlama runs this model's language model, else why not."""
+        if self._device.type != "cuda":
+            return "the GPU fast path needs a CUDA device"
+        if not getattr(family, "FAST_LANGUAGE_MODEL", False):
+            return f"the GPU fast path does not run {family.MODEL_TYPE}'s language model"
+        from ..cuda.support import unsupported_reason
+
+        return unsupported_reason(text_config)
 
     @property
     def model_name(self) -> str:
