@@ -577,6 +577,25 @@ def check_fast_llama() -> None:
             # captured graph, as did the 301 tokens after it; 300 again replays that graph.
             graph_full = lm.prefill_logits(embeds, 0)
             check(f"FastLlama {label} prefill graph (padded) vs eager", graph_full, full, 2e-3)
+            # Follow-up turns: one graph for every start (prefill_graphs.ANY_START), captured on
+            # the second 20-token turn and replayed on the third, each against the eager body.
+            follow_up_replays = 0
+            for turn_start in (250, 260, 275):
+                turn = embeds[turn_start : turn_start + 20]
+                lm.prefill_logits(embeds[:turn_start], 0)
+                eager = lm._prefill_body(turn.half(), turn_start, torch.tensor([19], device=DEVICE))
+                lm.prefill_logits(embeds[:turn_start], 0)
+                before = lm._prefill_graphs.replays
+                got = lm.prefill_logits(turn, turn_start)
+                follow_up_replays += lm._prefill_graphs.replays - before
+                check(
+                    f"FastLlama {label} follow-up at {turn_start} (one graph for every start) vs eager",
+                    got,
+                    eager,
+                    2e-3,
+                )
+            report["checks"][f"FastLlama {label} follow-up graph replayed"] = {"ok": follow_up_replays >= 2,
+                                                                            "replays": follow_up_replays}  # fmt: skip
             replays = lm._prefill_graphs.replays
             report["checks"][f"FastLlama {label} prefill graphs replayed"] = {"ok": replays >= 3, "replays": replays,
                                                                            "disabled": lm._prefill_graphs.disabled_reason}  # fmt: skip
@@ -700,6 +719,13 @@ def profile_decode() -> None:
     lm.prefill(embeds, 0)
     lm.prefill(embeds, 0)  # the second sighting of (0, 640) captures its graph
     profile["prefill_623_graph_ms"] = graph_free_ms(lambda: lm.prefill(embeds, 0))
+    # A 20-token follow-up turn after the 623-token prompt: eager, then as the one graph that
+    # serves follow-ups at every start (captured on its second sighting).
+    turn, turn_last = embeds[:20], torch.tensor([19], device=DEVICE)
+    profile["follow_up_20_eager_ms"] = graph_free_ms(lambda: lm._prefill_body(turn, 623, turn_last))
+    lm.prefill(turn, 623)
+    lm.prefill(turn, 623)
+    profile["follow_up_20_graph_ms"] = graph_free_ms(lambda: lm.prefill(turn, 623))
     report["decode_profile_7b_int4"] = profile
     print("decode profile", profile, flush=True)
 

@@ -315,6 +315,30 @@ def test_fast_llama_padded_prefill_equals_the_exact_one(tiny_llama, start):
         assert relative_error(lm._logits, following) < 2e-3
 
 
+def test_a_follow_up_prefill_reading_its_start_from_the_device_equals_the_exact_one(tiny_llama):
+    """What the follow-up turns' prefill graph runs (prefill_graphs.py, ANY_START): the start as
+    a device tensor, the turn padded to 64 tokens, attention over the whole cache through a
+    causal mask. Same logits and the same KV for the turn's positions as the exact prefill."""
+    ids = torch.randint(0, 512, (30,))
+    with torch.inference_mode():
+        lm = FastLlama.from_hf(
+            tiny_llama.model, tiny_llama.lm_head, max_tokens=128, quantize=False, device=torch.device("cpu")
+        )
+        embeds = lm.embed(ids).half()
+        lm.prefill_logits(embeds[:19], 0)
+        exact = lm.prefill_logits(embeds[19:], 19)
+        exact_cache = lm.k_cache[:, :, :30].clone(), lm.v_cache[:, :, :30].clone()
+
+        lm.prefill_logits(embeds[:19], 0)
+        lm.k_cache[:, :, 30:] = 0.5  # stale keys past the turn must stay masked
+        padded = torch.zeros(64, embeds.shape[1], dtype=torch.float16)
+        padded[:11] = embeds[19:]
+        logits = lm._prefill_body(padded, torch.tensor([19], dtype=torch.int32), torch.tensor([10]))
+        assert relative_error(logits, exact) < 1e-3
+        assert relative_error(lm.k_cache[:, :, :30], exact_cache[0]) < 1e-3
+        assert relative_error(lm.v_cache[:, :, :30], exact_cache[1]) < 1e-3
+
+
 def test_dropping_unused_vision_layers_keeps_the_image_features(tiny_llava):
     """The fast path drops the vision layers after the one LLaVA reads (vision_feature_layer)."""
     from transformers import AutoModelForImageTextToText

@@ -410,17 +410,28 @@ class FastLlama:
         last_index = torch.full((1,), length - 1, dtype=torch.long, device=self.device)
         return self._prefill_body(x, start, last_index, layer_additions)
 
-    def _prefill_body(self, x: torch.Tensor, start: int, last_index: torch.Tensor,
+    def _prefill_body(self, x: torch.Tensor, start: int | torch.Tensor, last_index: torch.Tensor,
                       layer_additions: dict | None = None) -> torch.Tensor:  # fmt: skip
         """Positions start..start+L-1 from embeddings x (L, H) fp16; the logits of row
-        `last_index` (a GPU tensor, so a CUDA graph can be padded past the real prompt)."""
+        `last_index` (a GPU tensor, so a CUDA graph can be padded past the real prompt).
+
+        `start` an int: attention reads the cache up to start + L. `start` an int32 device tensor
+        (1,): nothing here depends on its value on the host, so one CUDA graph serves every start
+        (follow-up turns, prefill_graphs.py): rotary positions are gathered from the slots, and
+        attention reads the whole cache through a causal mask built on the GPU."""
         length = x.shape[0]
-        positions = self._rope_positions[:, start : start + length]  # written by prefill_logits
         q = torch.empty(length, self.n_heads, self.head_dim, dtype=torch.float16, device=self.device)
-        end = start + length
-        mask = None
-        if start > 0:  # queries sit at the end of the keys: causal, aligned bottom-right
-            mask = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(length, dtype=torch.int32, device=self.device)
+            positions = self._rope_positions.index_select(1, slots.long())
+            keys = torch.arange(self.max_tokens, dtype=torch.int32, device=self.device)
+            mask, end = keys[None, :] <= slots[:, None], self.max_tokens
+        else:
+            positions = self._rope_positions[:, start : start + length]  # written by prefill_logits
+            end = start + length
+            mask = None
+            if start > 0:  # queries sit at the end of the keys: causal, aligned bottom-right
+                mask = torch.ones(length, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
         for index, layer in enumerate(self.layers):
             h = kernels.rmsnorm(x, layer.input_norm, self.eps, bias=layer.input_norm_bias)
             qkv = self._attention_inputs(self._linear(h, layer.qkv), layer)

@@ -590,13 +590,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 @triton.jit
 def _rope_kv_kernel(
     qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, positions_stride, sections_ptr, inv_freq_ptr,
-    attention_scaling, max_tokens, start,
+    attention_scaling, max_tokens, start, start_ptr,
     N_Q_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P2: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, SLOT_FROM_POSITION: tl.constexpr, PDL: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, SLOT_FROM_POSITION: tl.constexpr, START_ON_DEVICE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head) of the fused qkv row: rotate q and k (rotate-half
     convention over the first ROTARY_DIM dimensions, as transformers' Llama, Qwen and StableLM),
-    write q to q_out and k, v into the cache at slot start + token (or at the token's position).
+    write q to q_out and k, v into the cache at slot start + token (or at the token's position);
+    START_ON_DEVICE: start is read from start_ptr (a prefill graph that serves every start).
 
     Each frequency takes its position from one row of positions (S, L): row sections[f]. One
     row for plain RoPE; Qwen's multimodal RoPE has three (time, height, width)."""
@@ -619,7 +620,12 @@ def _rope_kv_kernel(
     else:
         kv_head = head - N_Q_HEADS
         rotated = _rotate(row + (N_Q_HEADS + kv_head) * HEAD_DIM, dims, cos, sin, ROTARY_DIM, HEAD_DIM)
-        slot_index = tl.load(positions_ptr + token) if SLOT_FROM_POSITION else start + token
+        if SLOT_FROM_POSITION:
+            slot_index = tl.load(positions_ptr + token)
+        elif START_ON_DEVICE:
+            slot_index = tl.load(start_ptr) + token
+        else:
+            slot_index = start + token
         slot = (kv_head * max_tokens + slot_index) * HEAD_DIM
         tl.store(k_cache_ptr + slot + dims, rotated.to(k_cache_ptr.dtype.element_ty), mask=in_head)
         v_src = row + (N_Q_HEADS + N_KV_HEADS + kv_head) * HEAD_DIM
@@ -637,7 +643,7 @@ def rope_and_cache(
     n_q_heads: int,
     n_kv_heads: int,
     *,
-    start: int | None = None,
+    start: int | torch.Tensor | None = None,
     sections: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv (M, (Hq + 2 Hkv) D) -> rotated q (M, Hq, D); k, v written to caches (Hkv, T, D).
@@ -645,17 +651,20 @@ def rope_and_cache(
     positions: int32 (M,), or (S, M) with a row per section (a view with any row stride);
     sections: int32 (R/2,), the row of each frequency (default all 0); R = 2 * inv_freq's
     length, the rotated dimensions (D, or fewer: partial rotary). k and v go to cache slots
-    start..start+M-1, or, without `start`, to slot positions[0][i]."""
+    start..start+M-1 (`start` an int, or an int32 device tensor (1,) read by the kernel), or,
+    without `start`, to slot positions[0][i]."""
     tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     rows = positions if positions.dim() == 2 else positions[None]
     if sections is None:
         sections = torch.zeros(inv_freq.numel(), dtype=torch.int32, device=qkv.device)
+    on_device = isinstance(start, torch.Tensor)
     _rope_kv_kernel[(tokens, n_q_heads + n_kv_heads)](
         qkv, q_out, k_cache, v_cache, rows, rows.stride(0), sections, inv_freq, attention_scaling, k_cache.shape[1],
-        start or 0, N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim,
-        HEAD_P2=triton.next_power_of_2(head_dim), ROTARY_DIM=2 * inv_freq.numel(),
-        SLOT_FROM_POSITION=start is None, **_launch_options(qkv.device),
+        0 if on_device or start is None else start, start if on_device else rows, N_Q_HEADS=n_q_heads,
+        N_KV_HEADS=n_kv_heads, HEAD_DIM=head_dim, HEAD_P2=triton.next_power_of_2(head_dim),
+        ROTARY_DIM=2 * inv_freq.numel(), SLOT_FROM_POSITION=start is None, START_ON_DEVICE=on_device,
+        **_launch_options(qkv.device),
     )  # fmt: skip
     return q_out
 
