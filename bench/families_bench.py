@@ -125,21 +125,13 @@ def build_qwen25_vl_3b():
 
 
 def build_smolvlm2_2b():
-    from test_transformers_families import family_tokenizer, ids_of
+    from test_transformers_families import ids_of, smolvlm_tokenizer
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     from ros2_nanovlm.engine.families import native
 
     smolvlm._without_num2words()
-    rows = [f"<row_{row}_col_{column}>" for row in range(1, 7) for column in range(1, 7)]
-    tokenizer = family_tokenizer(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"]
-        + ["<global-img>", *rows],
-        bos="<|im_start|>",
-        eos="<end_of_utterance>",
-        pad="<|im_end|>",
-        unk="<|endoftext|>",
-    )
+    tokenizer = smolvlm_tokenizer(tiles_per_side=6)
     image_processor = SmolVLMImageProcessorPil(
         size={"longest_edge": 1536}, max_image_size={"longest_edge": 384}, do_image_splitting=True
     )

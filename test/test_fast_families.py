@@ -46,6 +46,14 @@ def relative_error(value, reference) -> float:
     return float((value - reference).norm() / reference.norm())
 
 
+def decode_step_body_after(lm: FastLlama, token: int, position: int) -> None:
+    """What the captured decode step runs, eagerly: `token` at `position` -> lm._logits, lm._token."""
+    lm._token.fill_(token)
+    lm._position.fill_(position)
+    lm._length.fill_(position + 1)
+    lm._decode_step_body()
+
+
 def with_visible_extras(model):
     """Random init leaves biases at 0 and norm weights at 1: perturb them so that a bias or norm
     weight the fast path dropped would show."""
@@ -74,10 +82,7 @@ def test_fast_llama_equals_transformers_on_each_supported_family(name):
         assert relative_error(lm.prefill_logits(embeds[12:], 12), whole) < 2e-3
         lm._allocate_decode_buffers()
         lm.prefill_logits(embeds[:19], 0)
-        lm._token.fill_(int(ids[19]))
-        lm._position.fill_(19)
-        lm._length.fill_(20)
-        lm._decode_step_body()
+        decode_step_body_after(lm, int(ids[19]), 19)
         assert relative_error(lm._logits, whole) < 2e-3
 
 
@@ -116,11 +121,7 @@ def test_processor_family_on_fast_llama_equals_the_whole_model(family):
         lm._allocate_decode_buffers()
         assert runner.prefill(prompt, 0) == token
         assert relative_error(lm.prefill_logits(*_prompt_arguments(runner, prompt)), output.logits[0, -1]) < 5e-3
-        length = prompt.length
-        lm._token.fill_(token)
-        lm._position.fill_(length)
-        lm._length.fill_(length + 1)
-        lm._decode_step_body()
+        decode_step_body_after(lm, token, prompt.length)
         assert relative_error(lm._logits, following) < 5e-3
         assert int(lm._token) == int(following.argmax())
 

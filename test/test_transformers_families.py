@@ -188,13 +188,11 @@ def build_qwen3_vl():
     return tf.Qwen3VLForConditionalGeneration(config), processor, [eos, pad], {}
 
 
-def build_smolvlm():
-    import transformers as tf
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-    smolvlm._without_num2words()
-    rows = [f"<row_{row}_col_{column}>" for row in range(1, 5) for column in range(1, 5)]
-    tokenizer = family_tokenizer(
+def smolvlm_tokenizer(tiles_per_side: int):
+    """SmolVLM's special tokens, with a <row_R_col_C> marker for each tile of the grid."""
+    sides = range(1, tiles_per_side + 1)
+    rows = [f"<row_{row}_col_{column}>" for row in sides for column in sides]
+    return family_tokenizer(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>"]
         + ["<global-img>", *rows],
         bos="<|im_start|>",
@@ -202,6 +200,14 @@ def build_smolvlm():
         pad="<|im_end|>",
         unk="<|endoftext|>",
     )
+
+
+def build_smolvlm():
+    import transformers as tf
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    smolvlm._without_num2words()
+    tokenizer = smolvlm_tokenizer(tiles_per_side=4)
     # SmolVLM2's processor: longest edge 1536 (2.2B), 384 px tiles; here 64 and 32: a 320 x 213
     # photo becomes 2 x 2 tiles plus the global view, 4 tokens each.
     image_processor = SmolVLMImageProcessorPil(
