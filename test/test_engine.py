@@ -158,16 +158,18 @@ def test_json_mode_returns_an_object_even_from_a_random_model(tiny_llava, photos
     assert answer.text == answer.json
 
 
-def test_fast_path_runs_llama_and_says_why_not_for_stablelm(tiny_llava, tiny_llava_stablelm):
-    """StableLM (Obsidian-3B's language model) runs through transformers: the GPU fast path's
-    gate must refuse it with a reason, and accept the Llama of LLaVA-1.5."""
+def test_fast_path_runs_llama_and_stablelm_and_says_why_not_for_others(tiny_llava, tiny_llava_stablelm):
+    """The GPU fast path's gate accepts the Llama of LLaVA-1.5 and the StableLM of Obsidian-3B,
+    and refuses what it cannot run with a reason."""
     from ros2_nanovlm.engine.cuda.support import unsupported_reason
 
     def text_config(path):
         return json.loads((path / "config.json").read_text())["text_config"]
 
     assert unsupported_reason(text_config(tiny_llava)) == ""
-    assert "stablelm" in unsupported_reason(text_config(tiny_llava_stablelm))
+    assert unsupported_reason(text_config(tiny_llava_stablelm)) == ""
+    assert "gemma3_text" in unsupported_reason(dict(text_config(tiny_llava), model_type="gemma3_text"))
+    assert "parallel residual" in unsupported_reason(dict(text_config(tiny_llava_stablelm), use_parallel_residual=True))
 
 
 def test_engine_imports_nothing_from_ros():
