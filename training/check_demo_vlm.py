@@ -31,7 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL_DIR = os.path.join(REPO, "ros2_nanovlm", "engine", "demo_model")
 sys.path.insert(0, DEMO_MODEL_DIR)  # plain modules: works with or without the package __init__
 
+import categories as categories_lib  # noqa: E402, F401  (for train_projector.py)
 import efficientnet_lite  # noqa: E402
+import lm_adapter  # noqa: E402
 import projector as projector_lib  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,12 +60,15 @@ def load_tokenizer(image_token: str = "<image>"):
     return tok
 
 
-def load_language_model():
-    """SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF to fp32, frozen, eval mode."""
+def load_language_model(adapter_dir: str | None = None):
+    """SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF to fp32, frozen, eval mode; with the
+    LM adapter in `adapter_dir` merged into it when that directory has one (as build.py does)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE).eval()
     model.requires_grad_(False)
+    if adapter_dir and os.path.exists(os.path.join(adapter_dir, lm_adapter.ADAPTER_FILE)):
+        lm_adapter.merge_adapter(model, adapter_dir)
     return model
 
 
@@ -121,7 +126,7 @@ class DemoVLM:
         t2 = time.perf_counter()
         self.tok = load_tokenizer(self.projector.config.image_token)
         t3 = time.perf_counter()
-        self.lm = load_language_model()
+        self.lm = load_language_model(model_dir)
         t4 = time.perf_counter()
         self.load_s = {"encoder": t1 - t0, "projector": t2 - t1, "tokenizer": t3 - t2, "lm": t4 - t3}
         self.image_token_id = self.tok.convert_tokens_to_ids(self.projector.config.image_token)
@@ -183,7 +188,10 @@ def main() -> None:
     )
     print(f"T = {vlm.projector.config.num_image_tokens} image tokens; question: {args.question!r}")
 
-    vision, prefill, steps, same = [], [], [], 0
+    sys.path.insert(0, os.path.join(REPO, "test"))
+    from subjects import SUBJECTS, names_subject  # what counts as naming each photo's subject
+
+    vision, prefill, steps, same, named = [], [], [], 0, []
     paths = sorted(glob.glob(os.path.join(args.images, "*.jpg")))
     for path in paths:
         rgb = read_rgb(path)
@@ -197,9 +205,14 @@ def main() -> None:
             prefill.append(r["prefill_s"])
             steps.extend(r["step_s"])
         top3 = "; ".join(f"{n} {p:.2f}" for n, p in vlm.top3(result["features"]))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in SUBJECTS:
+            named.append(names_subject(stem, result["text"]))
         print(f"{os.path.basename(path):12s} -> {result['text']!r:40s} | top-3: {top3}")
 
     print(f"BGR->RGB frames give the same answer: {same}/{len(paths)}")
+    if args.question == DEFAULT_QUESTION:
+        print(f"names the subject: {sum(named)} of {len(named)} photos whose subject is an ImageNet class")
     print(
         f"vision (preprocess+encoder+projector) median {statistics.median(vision) * 1e3:.1f} ms; "
         f"prefill ({result['prompt_len']} positions) median {statistics.median(prefill) * 1e3:.1f} ms; "

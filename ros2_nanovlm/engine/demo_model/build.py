@@ -1,5 +1,7 @@
-"""Assemble the demo VLM directory from the installed weight packages and the projector that
-ships with nanovlm (a composed model, see engine/hf/composed.py).
+"""Assemble the demo VLM directory from the installed weight packages and the projector and LM
+adapter that ship with nanovlm (a composed model, see engine/hf/composed.py). The adapter
+(lm_adapter.safetensors, LoRA factors) is merged into SmolLM2's weights here, so the directory's
+language model is a plain transformers LM.
 
     python -m ros2_nanovlm.engine.demo_model.build /tmp/nanovlm-demo
 
@@ -20,17 +22,22 @@ from ..api import ModelLoadError
 
 HERE = Path(__file__).resolve().parent
 PROJECTOR_FILES = ("projector.json", "projector.safetensors")
+ADAPTER_FILE = "lm_adapter.safetensors"  # lm_adapter.ADAPTER_FILE (not imported: that needs torch)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EFFICIENTNET_FILE = "models/efficientnet-lite0-57934424.pth"
 IMAGE_TOKEN = "<image>"
 
 
-def projector_digest() -> str:
-    """Short hash of the shipped projector: part of the built model's name, so a new projector
-    means a new directory rather than a stale one."""
+def projector_digest(trained_dir: str | Path = HERE) -> str:
+    """Short hash of the shipped trained files (projector, and the LM adapter when there is one):
+    part of the built model's name, so a new training means a new directory rather than a
+    stale one."""
+    trained_dir = Path(trained_dir)
     digest = hashlib.sha256()
     for name in PROJECTOR_FILES:
-        digest.update((HERE / name).read_bytes())
+        digest.update((trained_dir / name).read_bytes())
+    if (trained_dir / ADAPTER_FILE).is_file():
+        digest.update((trained_dir / ADAPTER_FILE).read_bytes())
     return digest.hexdigest()[:10]
 
 
@@ -41,9 +48,13 @@ def _package_dir(module: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def build_demo_model(output_dir: str | Path) -> Path:
+def build_demo_model(output_dir: str | Path, trained_dir: str | Path = HERE) -> Path:
+    """Write the composed model into output_dir. trained_dir: where the projector files and the
+    adapter are (the ones shipped here; training/train_projector.py --out-dir for a new one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .lm_adapter import merge_adapter
 
     output_dir = Path(output_dir)
     efficientnet = (
@@ -53,8 +64,9 @@ def build_demo_model(output_dir: str | Path) -> Path:
     (output_dir / "vision").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(efficientnet, output_dir / "vision" / "efficientnet-lite0.pth")
     (output_dir / "projector").mkdir(exist_ok=True)
+    trained_dir = Path(trained_dir)
     for name in PROJECTOR_FILES:
-        shutil.copyfile(HERE / name, output_dir / "projector" / name)
+        shutil.copyfile(trained_dir / name, output_dir / "projector" / name)
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2, gguf_file=SMOLLM2_GGUF)
     # transformers 5.17 takes SmolLM2's eos from the wrong GGUF field (<|im_start|>).
@@ -66,6 +78,7 @@ def build_demo_model(output_dir: str | Path) -> Path:
     settings = {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
     model = AutoModelForCausalLM.from_config(type(gguf_model.config).from_dict(settings), dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
+    adapted_layers = merge_adapter(model, str(trained_dir)) if (trained_dir / ADAPTER_FILE).is_file() else 0
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir / "language_model")
     tokenizer.save_pretrained(output_dir / "language_model")
@@ -73,12 +86,15 @@ def build_demo_model(output_dir: str | Path) -> Path:
     manifest = {
         "format": "nanovlm-composed-v1",
         "name": "nanovlm-demo",
-        "description": "EfficientNet-Lite0 (ImageNet) -> trained projector -> SmolLM2-135M-Instruct. "
-        "Names the main ImageNet-class subject of a photo; it cannot read text, count or reason.",
+        "description": "EfficientNet-Lite0 (ImageNet) -> trained projector -> SmolLM2-135M-Instruct (+ a merged "
+        "LoRA adapter). Names the main ImageNet-class subject of a photo, answers yes/no about it and its everyday "
+        "category, fills the object/category/is_animal JSON schema; it cannot read text, count or reason.",
         "vision": {"architecture": "efficientnet_lite0", "weights": "vision/efficientnet-lite0.pth"},
         "projector": "projector",
-        "projector_digest": projector_digest(),
+        "projector_digest": projector_digest(trained_dir),
         "language_model": "language_model",
+        # informative: the adapter is already in language_model's weights
+        "language_model_adapter": {"file": ADAPTER_FILE, "merged_layers": adapted_layers},
     }
     (output_dir / "nanovlm_vlm.json").write_text(json.dumps(manifest, indent=2))
     return output_dir
@@ -87,8 +103,11 @@ def build_demo_model(output_dir: str | Path) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
+    parser.add_argument(
+        "--trained-dir", default=str(HERE), help="projector + adapter files (default: the shipped ones)"
+    )
     args = parser.parse_args(argv)
-    print(build_demo_model(args.output_dir))
+    print(build_demo_model(args.output_dir, args.trained_dir))
 
 
 if __name__ == "__main__":
